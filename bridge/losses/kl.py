@@ -1,0 +1,30 @@
+"""Sample-based KL estimators between the policy and a reference (Schulman 2020,
+"Approximating KL Divergence", http://joschu.net/blog/kl-approx.html).
+
+With tokens sampled from the policy and d = logp - ref_logp:
+
+    k1 = d                                   unbiased for KL(pi || ref), high variance, can be < 0
+    k2 = 0.5 * d^2                           biased, >= 0; its gradient is the KL gradient
+    k3 = exp(-d) - (-d) - 1                  unbiased, >= 0, low variance (GRPO's KL penalty)
+
+Elementwise: aggregate with `bridge.losses.aggregate` to use as a loss term, or subtract
+(times a coefficient) from per-token rewards. For k3 the log-ratio is clamped to
++-KL_LOG_RATIO_CLAMP before the exp (as verl does) so the value stays finite.
+"""
+import jax.numpy as jnp
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_LOG_RATIO_CLAMP = 20.0
+
+
+def kl_estimate(logp, ref_logp, kind="k3"):
+    """Per-token KL(pi || ref) estimate from log-probs of sampled tokens; kind in k1/k2/k3."""
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"Unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}.")
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    ref_over_pi = jnp.clip(-log_ratio, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    return jnp.exp(ref_over_pi) - ref_over_pi - 1.0
