@@ -16,3 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # shared helpers: `import hf_fixtures`

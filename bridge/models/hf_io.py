@@ -1,0 +1,164 @@
+"""Hugging Face checkpoints in and out: safetensors <-> NNX `Decoder`, no torch.
+
+Parameter names follow transformers' Llama/Qwen layout. Linear kernels are stored [out, in]
+there and [in, out] here, so they are transposed on the way in and out. Loading streams one
+tensor at a time from the safetensors files onto its devices, so host memory stays near one
+tensor, and the model is built abstractly (`nnx.eval_shape`) so no random init is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from bridge.models.config import ModelConfig
+from bridge.models.decoder import Decoder
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """NNX parameter path -> (transformers tensor name, whether it is a transposed kernel)."""
+    if path == ("embed",):
+        return "model.embed_tokens.weight", False
+    if path == ("lm_head",):
+        return "lm_head.weight", True
+    *prefix, leaf = (str(p) for p in path)
+    name = ".".join(["model", *prefix, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+    return name, leaf == "kernel"
+
+
+def iter_params(model: Decoder) -> Iterator[tuple[tuple, nnx.Param]]:
+    """(path, Param) for every parameter of the model, in a stable order."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            yield tuple(path), node
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, x) for x in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    found = sorted(x for x in os.listdir(path) if x.endswith(".safetensors"))
+    if not found:
+        raise FileNotFoundError(f"No safetensors weights in {path} (expected model.safetensors or an index).")
+    return [os.path.join(path, x) for x in found]
+
+
+def read_config(path: str, *, dtype=jnp.float32, param_dtype=None) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen):
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            cfg = cfg.replace(eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+    return cfg
+
+
+def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None) -> Decoder:
+    """Loads a transformers checkpoint folder (config.json + safetensors) into a `Decoder`.
+
+    dtype is the compute dtype; param_dtype defaults to it. With `mesh` (and logical-axis
+    `rules`), every tensor is placed straight onto its shards. A missing or unexpected tensor
+    or a shape mismatch raises one ValueError naming every offending tensor.
+    """
+    from bridge import sharding  # local: sharding imports models for abstract shapes
+
+    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    expected = {hf_name(p)[0]: (p, var) for p, var in iter_params(model)}
+    location = {}
+    for file in _weight_files(path):
+        with safe_open(file, framework="flax") as f:
+            for key in f.keys():
+                location[key] = file
+    missing = sorted(set(expected) - set(location))
+    unexpected = sorted(k for k in set(location) - set(expected)
+                        if not k.endswith(_IGNORED_SUFFIXES)
+                        and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    if missing or unexpected:
+        raise ValueError(f"Checkpoint {path} does not match the {cfg.family} architecture: "
+                         f"missing tensors {missing}; unexpected tensors {unexpected}.")
+    mismatched = []
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(location[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="flax") as f:
+            for name in names:
+                ppath, var = expected[name]
+                transpose = hf_name(ppath)[1]
+                tensor = f.get_tensor(name)
+                if transpose:
+                    tensor = tensor.T
+                if tuple(tensor.shape) != tuple(var.shape):
+                    mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(var.shape)}")
+                    continue
+                tensor = tensor.astype(cfg.param_dtype)
+                if mesh is not None:
+                    tensor = jax.device_put(tensor, sharding.param_sharding(var, mesh, rules))
+                var.set_value(tensor)
+                del tensor
+    if mismatched:
+        raise ValueError(f"Checkpoint {path} has tensors of the wrong shape: {mismatched}.")
+    return model
+
+
+def save_hf(model: Decoder, out_dir: str, *, tokenizer=None, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes config.json, generation_config.json and safetensors (sharded with an index when
+    larger than `max_shard_bytes`) that `transformers.AutoModelForCausalLM` loads."""
+    cfg = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_hf(), f, indent=2)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    if isinstance(gen["eos_token_id"], tuple):
+        gen["eos_token_id"] = list(gen["eos_token_id"])
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    shards: list[dict[str, jax.Array]] = [{}]
+    size = total = 0
+    for p, var in iter_params(model):
+        name, transpose = hf_name(p)
+        tensor = jnp.asarray(jax.device_get(var[...]))
+        tensor = tensor.T if transpose else tensor
+        nbytes = tensor.size * tensor.dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+        total += nbytes
+    for stale in os.listdir(out_dir):
+        if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+            os.remove(os.path.join(out_dir, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
