@@ -1,0 +1,2 @@
+"""Evaluation: sampling-based accuracy metrics, reports, tables and plots."""
+from bridge.evaluation.metrics import avg_at_k, maj_at_k, pass_at_k
