@@ -107,11 +107,12 @@ def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=
                 ppath, var = expected[name]
                 transpose = hf_name(ppath)[1]
                 tensor = f.get_tensor(name)
+                want = tuple(var.shape)[::-1] if transpose else tuple(var.shape)
+                if tuple(tensor.shape) != want:
+                    mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
+                    continue
                 if transpose:
                     tensor = tensor.T
-                if tuple(tensor.shape) != tuple(var.shape):
-                    mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(var.shape)}")
-                    continue
                 tensor = tensor.astype(cfg.param_dtype)
                 if mesh is not None:
                     tensor = jax.device_put(tensor, sharding.param_sharding(var, mesh, rules))
