@@ -1,6 +1,7 @@
 """Verifiable tasks, chosen by name: `get_task("arithmetic", digits=4)`.
 
-Registered: arithmetic, countdown (synthetic, toy scale).
+Registered: arithmetic, countdown (synthetic, toy scale); gsm8k, math, math500, aime (local files
+or prepared TFDS builders).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Callable
 from bridge.tasks.arithmetic import arithmetic_task
 from bridge.tasks.base import Example, RewardResult, Task, soft_overlong_penalty
 from bridge.tasks.countdown import countdown_task
+from bridge.tasks.math import aime_task, gsm8k_task, math500_task, math_task
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
@@ -36,6 +38,10 @@ def get_task(name: str, **options) -> Task:
 
 register_task("arithmetic", arithmetic_task)
 register_task("countdown", countdown_task)
+register_task("gsm8k", gsm8k_task)
+register_task("math", math_task)
+register_task("math500", math500_task)
+register_task("aime", aime_task)
 
 __all__ = ["Example", "RewardResult", "Task", "get_task", "register_task", "task_names",
            "soft_overlong_penalty"]
