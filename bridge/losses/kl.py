@@ -9,7 +9,8 @@ With tokens sampled from the policy and d = logp - ref_logp:
 
 Elementwise: aggregate with `bridge.losses.aggregate` to use as a loss term, or subtract
 (times a coefficient) from per-token rewards. For k3 the log-ratio is clamped to
-+-KL_LOG_RATIO_CLAMP before the exp (as verl does) so the value stays finite.
++-KL_LOG_RATIO_CLAMP before the exp (as verl does) so the value stays finite; it is evaluated as expm1(-d) + d, which
+unlike exp(-d) + d - 1 cannot round below 0 for tiny d.
 """
 import jax.numpy as jnp
 
@@ -27,4 +28,4 @@ def kl_estimate(logp, ref_logp, kind="k3"):
     if kind == "k2":
         return 0.5 * jnp.square(log_ratio)
     ref_over_pi = jnp.clip(-log_ratio, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-    return jnp.exp(ref_over_pi) - ref_over_pi - 1.0
+    return jnp.expm1(ref_over_pi) - ref_over_pi  # expm1 keeps k3 >= 0 near d = 0 in f32
