@@ -1,0 +1,110 @@
+"""Metrics: one JSON line per step in <workdir>/metrics.jsonl, TensorBoard scalars, optional
+Weights & Biases, and PNG curves per stage at the end.
+
+Each line is {"stage": name, "step": i, <metric>: float, ...}. On resume the lines of the
+stage past the restored step are dropped, so an interrupted-and-resumed run leaves the same
+file as a straight one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+
+def to_floats(metrics: dict) -> dict:
+    """Device scalars -> Python floats (one host transfer for the whole dict)."""
+    import jax
+
+    host = jax.device_get(metrics)
+    return {k: float(np.asarray(v)) for k, v in host.items() if np.ndim(v) == 0}
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, tensorboard: bool = True, wandb_project: str | None = None,
+                 run_name: str | None = None):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            import wandb  # optional dependency, only when configured
+
+            self.wandb = wandb.init(project=wandb_project, name=run_name, dir=workdir, resume="allow")
+
+    def truncate(self, stage: str, last_step: int) -> None:
+        """Drops lines of `stage` with step > last_step (used when resuming)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        keep = [ln for ln in lines
+                if not ((r := json.loads(ln))["stage"] == stage and r["step"] > last_step)]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def write(self, stage: str, step: int, metrics: dict) -> None:
+        record = {"stage": stage, "step": int(step), **to_floats(metrics)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("stage", "step"):
+                    self.tb.add_scalar(f"{stage}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{stage}/{k}": v for k, v in record.items() if k not in ("stage", "step")})
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str) -> dict[str, list[dict]]:
+    """stage -> list of step records, in file order."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    out[record["stage"]].append(record)
+    return dict(out)
+
+
+PLOTTED = ("reward", "accuracy", "loss", "kl_ref", "teacher_kl", "entropy", "response_length",
+           "clip_frac_high", "grad_norm", "eval_accuracy")
+
+
+def plot_curves(workdir: str) -> list[str]:
+    """One PNG per stage with a panel per metric present in PLOTTED; returns the file paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    for stage, records in read_metrics(workdir).items():
+        keys = [k for k in PLOTTED if any(k in r for r in records)]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        fig.suptitle(stage)
+        fig.tight_layout()
+        path = os.path.join(workdir, "plots", f"{stage}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,121 @@
+"""Pieces every stage uses: a trainer around one model, rollouts with verifier rewards, and
+minibatching of a rollout batch for several optimizer updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bridge import runtime, sampling, train_state
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The trained model's graphdef, its initial TrainState and the compiled update step."""
+
+    graphdef: object
+    state: train_state.TrainState
+    update: Callable  # (state, batch, frozen) -> (state, metrics)
+
+
+def make_trainer(ctx: runtime.Context, model, opt_cfg, loss_fn: Callable, total_updates: int) -> Trainer:
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(jnp.copy, params)  # the stage owns (and donates) its own buffers
+    opt_cfg = dict(opt_cfg.to_dict() if hasattr(opt_cfg, "to_dict") else opt_cfg)
+    opt_cfg.setdefault("total_steps", total_updates)
+    tx = train_state.make_optimizer(_Cfg(opt_cfg))
+    state = train_state.init_state(params, tx)
+    shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
+    state = jax.device_put(state, shardings)
+    update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=shardings)
+    return Trainer(graphdef, state, update)
+
+
+class _Cfg(dict):
+    """dict with attribute access, for `make_optimizer`."""
+
+    __getattr__ = dict.__getitem__
+
+
+def frozen_state(model):
+    """A scoring-only model's state (teacher, reference), as an argument to jitted steps."""
+    return nnx.split(model)[1]
+
+
+def check_vocab(teacher, student, stage: str) -> None:
+    """Token-level distillation needs one vocabulary; stop at startup if the two differ."""
+    vt, vs = teacher.config.vocab_size, student.config.vocab_size
+    if vt != vs:
+        raise ValueError(f"Stage {stage!r}: the teacher's vocabulary ({vt} tokens) differs from the "
+                         f"student's ({vs}); token-level distillation needs one shared tokenizer.")
+
+
+def current_model(trainer: Trainer, state: train_state.TrainState):
+    return nnx.merge(trainer.graphdef, state.params)
+
+
+def sample_rollout(ctx: runtime.Context, model, examples: Sequence, *, n: int, temperature: float,
+                   top_p: float, top_k: int, max_new_tokens: int, seed: int) -> dict:
+    """Samples n completions per prompt and scores them with the task's verifier.
+
+    Returns host arrays: prompt_tokens/prompt_mask [R, P], tokens/mask [R, N], sample_logp [R, N],
+    rewards/format_ok/truncated [R] (R = len(examples) * n, prompt-major), plus "texts" and
+    "examples" lists and "sample_tokens_per_s".
+    """
+    t0 = time.perf_counter()
+    out = sampling.generate(model, [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, n=n, seed=seed,
+                            mesh=ctx.mesh, rules=ctx.rules)
+    host = jax.device_get({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
+                           "tokens": out.tokens, "mask": out.mask, "sample_logp": out.logprobs,
+                           "finish_reason": out.finish_reason, "lengths": out.lengths})
+    elapsed = time.perf_counter() - t0
+    texts = runtime.decode_completions(ctx.tokenizer, host["tokens"], host["mask"], ctx.eos_ids)
+    rows = [e for e in examples for _ in range(n)]
+    truncated = host["finish_reason"] == sampling.FINISH_LENGTH
+    results = [ctx.task.reward(t, e, truncated=bool(c)) for t, e, c in zip(texts, rows, truncated)]
+    return {
+        "prompt_tokens": host["prompt_tokens"], "prompt_mask": host["prompt_mask"],
+        "tokens": host["tokens"], "mask": host["mask"], "sample_logp": host["sample_logp"],
+        "lengths": host["lengths"], "truncated": truncated,
+        "rewards": np.array([r.score for r in results], np.float32),
+        "format_ok": np.array([r.format_ok for r in results], np.float32),
+        "texts": texts, "examples": rows,
+        "sample_tokens_per_s": float(host["lengths"].sum()) / max(elapsed, 1e-9),
+    }
+
+
+ARRAY_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
+
+
+def minibatches(batch: dict, num: int, rng: np.random.Generator | None) -> list[dict]:
+    """Splits the array entries of `batch` into `num` equal minibatches (shuffled when rng)."""
+    rows = len(batch["tokens"])
+    if rows % num:
+        raise ValueError(f"{rows} rollout rows do not split into {num} minibatches.")
+    order = rng.permutation(rows) if rng is not None else np.arange(rows)
+    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) or isinstance(v, jax.Array)}
+    return [{k: v[idx] for k, v in arrays.items()} for idx in np.split(order, num)]
+
+
+def response_metrics(rollout: dict) -> dict:
+    """Reward, accuracy, response length and truncation rate of a rollout batch."""
+    return {"reward": float(rollout["rewards"].mean()),
+            "accuracy": float((rollout["rewards"] >= 1.0).mean()),
+            "format_ok": float(rollout["format_ok"].mean()),
+            "response_length": float(rollout["lengths"].mean()),
+            "truncated_frac": float(rollout["truncated"].mean()),
+            "sample_tokens_per_s": rollout["sample_tokens_per_s"]}
+
+
+def mean_metrics(items: Sequence[dict]) -> dict:
+    """Mean of each metric over several update steps (device values fetched once)."""
+    host = jax.device_get(list(items))
+    return {k: float(np.mean([np.asarray(m[k]) for m in host])) for k in host[0]}

@@ -1,0 +1,179 @@
+"""RL with verifiable rewards: GRPO and its family, chosen by config.
+
+One step: sample `group_size` completions for each of `prompts_per_step` prompts, reward
+them with the task verifier, turn rewards into advantages, then `epochs` x `minibatches`
+optimizer updates of the policy surrogate against the stored old logprobs.
+
+| config                         | paper                                  |
+|--------------------------------|----------------------------------------|
+| loss=grpo, advantage=grpo      | GRPO (Shao et al. 2024)                |
+| clip_high=0.28, token-mean,    | DAPO (Yu et al. 2025): clip-higher,    |
+|   dynamic_sampling, overlong   |   dynamic sampling, overlong shaping   |
+| advantage=drgrpo,              | Dr. GRPO (Liu et al. 2025)             |
+|   seq-mean-token-sum-norm      |                                        |
+| loss=gspo / sapo / cispo       | GSPO, SAPO, CISPO (MiniMax-M1)         |
+| advantage=rloo                 | RLOO (Ahmadian et al. 2024)            |
+
+KL to the stage's initial policy (the reference) is a loss term (kl_mode="loss") or a
+per-sequence reward penalty (kl_mode="reward"), with estimator k1/k2/k3; kl_coef=0 keeps no
+reference copy. tis_cap > 0 multiplies each token's advantage by min(pi_old/pi_sample, cap),
+the truncated importance correction for sampler/trainer mismatch (Yao et al. 2025).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bridge import advantages as adv_lib, losses, runtime, scoring
+from bridge.stages import common
+from bridge.tasks import soft_overlong_penalty
+
+
+def make_loss_fn(scfg):
+    """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus."""
+    policy = losses.policy_loss(scfg.loss, **scfg.loss_kwargs.to_dict())
+    agg = dict(aggregation=scfg.aggregation, max_len=scfg.get("max_len") or None)
+    temperature = scfg.temperature if scfg.temperature > 0 else 1.0
+
+    def loss_fn(model, batch, frozen):
+        logp, ent = scoring.completion_logprobs(model, batch, temperature, return_entropy=True)
+        mask = batch["mask"] * batch["row_weight"][:, None]
+        adv = batch["advantages"][:, None] * batch["tis_weight"]
+        loss, metrics = policy(logp, batch["old_logp"], adv, mask, **agg)
+        if scfg.kl_coef > 0 and scfg.kl_mode == "loss":
+            kl = losses.aggregate(losses.kl_estimate(logp, batch["ref_logp"], scfg.kl_kind), mask, **agg)
+            loss = loss + scfg.kl_coef * kl
+            metrics["kl_ref"] = kl
+        entropy = losses.masked_mean(ent, mask)
+        if scfg.entropy_coef:
+            loss = loss - scfg.entropy_coef * losses.aggregate(ent, mask, **agg)
+        metrics["entropy"] = entropy
+        return loss, metrics
+
+    return loss_fn
+
+
+def shaped_rewards(rollout: dict, scfg) -> np.ndarray:
+    """Verifier rewards plus DAPO's soft overlong penalty when overlong_buffer > 0."""
+    rewards = rollout["rewards"].copy()
+    if scfg.overlong_buffer > 0:
+        rewards += scfg.overlong_penalty * np.array(
+            [soft_overlong_penalty(int(n), scfg.max_new_tokens, scfg.overlong_buffer)
+             for n in rollout["lengths"]], np.float32)
+    return rewards
+
+
+def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """bool[G]: groups whose rewards are not all equal (DAPO's dynamic-sampling filter)."""
+    grouped = rewards.reshape(-1, group_size)
+    return grouped.max(axis=1) > grouped.min(axis=1)
+
+
+def concat_rollouts(parts: list[dict]) -> dict:
+    """Joins rollouts, padding prompt/completion arrays to the widest (left/right padding)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    p = max(x["prompt_tokens"].shape[1] for x in parts)
+    for k in parts[0]:
+        vals = [x[k] for x in parts]
+        if k in ("prompt_tokens", "prompt_mask"):
+            vals = [np.pad(v, ((0, 0), (p - v.shape[1], 0))) for v in vals]
+        elif isinstance(vals[0], np.ndarray) and vals[0].ndim == 2:
+            n = max(v.shape[1] for v in vals)
+            vals = [np.pad(v, ((0, 0), (0, n - v.shape[1]))) for v in vals]
+        out[k] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else (
+            sum(vals, []) if isinstance(vals[0], list) else float(np.mean(vals)))
+    return out
+
+
+def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
+    """Rollouts for one step and a row weight [R] (0 on groups DAPO's filter drops).
+
+    Without dynamic sampling: one batch of prompts. With it: keeps drawing prompt batches
+    (up to max_refills more) until prompts_per_step informative groups are found; if they
+    are not, uninformative groups fill the batch with weight 0, so shapes stay fixed.
+    """
+    n = scfg.group_size
+    kept, spare = [], []
+    for attempt in range(1 + (scfg.max_refills if scfg.dynamic_sampling else 0)):
+        examples = next(data).examples
+        seed = int(jax.random.randint(jax.random.fold_in(rng, attempt), (), 0, 2**31 - 1))
+        roll = common.sample_rollout(ctx, model, examples, n=n, temperature=scfg.temperature,
+                                     top_p=scfg.top_p, top_k=scfg.top_k,
+                                     max_new_tokens=scfg.max_new_tokens, seed=seed)
+        roll["rewards_shaped"] = shaped_rewards(roll, scfg)
+        if not scfg.dynamic_sampling:
+            return roll, np.ones(len(roll["rewards"]), np.float32)
+        good = informative_groups(roll["rewards_shaped"], n)
+        for g, ok in enumerate(good):
+            (kept if ok else spare).append(_group(roll, g, n))
+        if len(kept) >= scfg.prompts_per_step:
+            break
+    groups = (kept + spare)[: scfg.prompts_per_step]
+    weight = np.repeat([1.0 if i < len(kept) else 0.0 for i in range(len(groups))], n).astype(np.float32)
+    return concat_rollouts(groups), weight
+
+
+def _group(roll: dict, g: int, n: int) -> dict:
+    sl = slice(g * n, (g + 1) * n)
+    return {k: (v[sl] if isinstance(v, (np.ndarray, list)) else v) for k, v in roll.items()}
+
+
+def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+    model = ctx.model(scfg.get("init") or scfg.model)
+    updates = scfg.steps * scfg.epochs * scfg.minibatches
+    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates)
+    reference = common.frozen_state(model) if scfg.kl_coef > 0 else None
+    if reference is not None:
+        reference = jax.tree.map(jnp.copy, reference)
+    score = jax.jit(lambda state, batch: scoring.completion_logprobs(
+        nnx.merge(trainer.graphdef, state), batch, scfg.temperature if scfg.temperature > 0 else 1.0))
+    data = ctx.prompts(name, scfg.prompts_per_step)
+    estimator = adv_lib.advantage_estimator(scfg.advantage)
+
+    def step(state, i):
+        rng = ctx.stage_rng(name, i)
+        roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg, rng)
+        batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
+        # Old logprobs from the trainer's own forward pass, so rho = 1 exactly at the first update.
+        old_logp = score(state.params, batch)
+        rewards = roll["rewards_shaped"]
+        metrics = common.response_metrics(roll)
+        if reference is not None:
+            ref_logp = score(reference, batch)
+            batch["ref_logp"] = ref_logp
+            seq_kl = np.asarray(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))
+            metrics["kl_ref_seq"] = float(seq_kl.mean())
+            if scfg.kl_mode == "reward":
+                rewards = rewards - scfg.kl_coef * seq_kl
+        adv = np.asarray(estimator(jnp.asarray(rewards), scfg.group_size)) * row_weight
+        if scfg.tis_cap > 0:
+            tis = jnp.minimum(jnp.exp(old_logp - jnp.asarray(roll["sample_logp"])), scfg.tis_cap)
+        else:
+            tis = jnp.ones_like(old_logp)
+        extra = {"old_logp": old_logp, "tis_weight": tis}
+        batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
+        batch.update(extra)
+        np_rng = np.random.default_rng([int(ctx.cfg.seed), i])
+        t0 = time.perf_counter()
+        step_metrics = []
+        for _ in range(scfg.epochs):
+            for mb in common.minibatches(batch, scfg.minibatches, np_rng if scfg.minibatches > 1 else None):
+                state, m = trainer.update(state, mb, None)
+                step_metrics.append(m)
+        metrics.update(common.mean_metrics(step_metrics))
+        tokens = float(np.asarray(roll["lengths"]).sum()) * scfg.epochs
+        metrics.update(train_tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
+                       advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
+                       kept_group_frac=float(row_weight.mean()),
+                       sampler_trainer_logp_gap=float(jnp.sum(jnp.abs(old_logp - roll["sample_logp"]) * batch["mask"])
+                                                      / max(float(np.sum(roll["mask"])), 1.0)))
+        return state, metrics
+
+    return runtime.StageProgram(trainer.graphdef, trainer.state, step, data, slot=scfg.model)

@@ -1,0 +1,118 @@
+"""Supervised stages on a fixed pool of completions: forward-KL warmup and plain SFT.
+
+Pool (built once, saved in the workdir so a resumed run reuses it):
+  source="teacher": `samples_per_prompt` teacher samples for each of `pool_prompts` prompts;
+  source="gold":    the task's reference completions (used to pretrain toy models).
+Loss:
+  loss="forward_kl":    mean_t KL(p_T(.|x,y<t) || p_S(.|x,y<t)) over the full vocabulary
+                        (the bridge's warmup; streamed through kernels.logprobs);
+  loss="cross_entropy": -mean_t log p_S(y_t | x, y<t) on the pool's tokens (SeqKD / SFT).
+Rows are drawn by a seeded permutation per epoch, so the batch at step i is a function of i.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from flax import nnx
+
+from bridge import losses, runtime, scoring
+from bridge.stages import common
+
+
+def gold_pool(ctx: runtime.Context, examples) -> dict:
+    """Prompt + reference completion + eos for each example, padded to fixed shapes."""
+    prompts = [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples]
+    targets = [ctx.tokenizer.encode(e.solution, add_special_tokens=False) + [ctx.tokenizer.eos_token_id]
+               for e in examples]
+    p, n = max(map(len, prompts)), max(map(len, targets))
+    out = {"prompt_tokens": np.full((len(examples), p), ctx.pad_id, np.int32),
+           "prompt_mask": np.zeros((len(examples), p), bool),
+           "tokens": np.full((len(examples), n), ctx.pad_id, np.int32),
+           "mask": np.zeros((len(examples), n), bool)}
+    for i, (a, b) in enumerate(zip(prompts, targets)):
+        out["prompt_tokens"][i, p - len(a):] = a
+        out["prompt_mask"][i, p - len(a):] = True
+        out["tokens"][i, :len(b)] = b
+        out["mask"][i, :len(b)] = True
+    return out
+
+
+def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, name: str) -> dict:
+    """`samples_per_prompt` teacher samples per prompt, drawn in chunks."""
+    parts = []
+    chunk = int(scfg.sample_batch_size)
+    for j in range(0, len(examples), chunk):
+        roll = common.sample_rollout(ctx, teacher, examples[j:j + chunk], n=scfg.samples_per_prompt,
+                                     temperature=scfg.temperature, top_p=scfg.top_p, top_k=scfg.top_k,
+                                     max_new_tokens=scfg.max_new_tokens, seed=int(ctx.cfg.seed) * 7919 + j)
+        parts.append({k: roll[k] for k in common.ARRAY_KEYS + ("rewards",)})
+    from bridge.stages.rl import concat_rollouts
+    return concat_rollouts(parts)
+
+
+def load_or_build_pool(ctx, name, scfg, teacher) -> dict:
+    path = os.path.join(ctx.workdir, "stages", name, "pool.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return dict(f)
+    examples = list(ctx.task.examples("train"))
+    if scfg.pool_prompts:
+        examples = examples[: int(scfg.pool_prompts)]
+    pool = gold_pool(ctx, examples) if scfg.source == "gold" else teacher_pool(ctx, teacher, examples, scfg, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", **pool)
+    os.replace(path + ".tmp.npz", path)
+    return pool
+
+
+def make_loss_fn(scfg, teacher_graphdef):
+    def loss_fn(model, batch, frozen):
+        mask = batch["mask"]
+        if scfg.loss == "cross_entropy":
+            logp = scoring.completion_logprobs(model, batch)
+            loss = -losses.masked_mean(logp, mask)
+            return loss, {"nll": loss}
+        teacher = nnx.merge(teacher_graphdef, frozen)
+        div = scoring.completion_divergence(model, teacher, batch, scfg.loss, temperature=scfg.kl_temperature)
+        loss = losses.masked_mean(div, mask)
+        return loss, {"teacher_kl": loss}
+
+    return loss_fn
+
+
+SFT_LOSSES = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "forward_ce")
+
+
+def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+    if scfg.loss not in SFT_LOSSES:
+        raise ValueError(f"Stage {name!r}: unknown sft loss {scfg.loss!r}; choose one of {SFT_LOSSES}.")
+    if scfg.source not in ("gold", "teacher"):
+        raise ValueError(f"Stage {name!r}: source must be 'gold' or 'teacher', not {scfg.source!r}.")
+    needs_teacher = scfg.source == "teacher" or scfg.loss != "cross_entropy"
+    teacher = ctx.model(scfg.teacher) if needs_teacher else None
+    if teacher is not None:
+        common.check_vocab(teacher, ctx.model(scfg.get("init") or scfg.model), name)
+    model = ctx.model(scfg.get("init") or scfg.model)
+    pool = load_or_build_pool(ctx, name, scfg, teacher)
+    teacher_graphdef, teacher_state = (nnx.split(teacher) if teacher is not None else (None, None))
+    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, teacher_graphdef), scfg.steps)
+    rows = len(pool["tokens"])
+    bs = int(scfg.batch_size)
+    if bs > rows:
+        raise ValueError(f"Stage {name!r}: batch_size {bs} exceeds the pool's {rows} rows.")
+
+    def step(state, i):
+        epoch, pos = divmod(i * bs, rows)
+        order = np.concatenate([np.random.default_rng([int(ctx.cfg.seed), epoch + e]).permutation(rows)
+                                for e in range(2)])
+        idx = order[pos:pos + bs]
+        batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.ARRAY_KEYS})
+        state, metrics = trainer.update(state, batch, teacher_state)
+        metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))
+        if "rewards" in pool:
+            metrics["pool_reward"] = float(pool["rewards"][idx].mean())
+        return state, metrics
+
+    return runtime.StageProgram(trainer.graphdef, trainer.state, step, None, slot=scfg.model)

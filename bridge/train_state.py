@@ -1,0 +1,100 @@
+"""Explicit training state and the jitted update step every stage shares.
+
+    state' = state            if loss or any gradient is non-finite (skipped, counted)
+             optax_update     otherwise
+
+A stage supplies `loss_fn(model, batch, frozen) -> (loss, metrics)`; `frozen` carries the
+states of models that score but do not train (teacher, reference), passed as arguments so
+they are never baked into the compiled step as constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bridge import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32[]: optimizer updates applied
+    params: Any  # nnx.State of the trained model
+    opt_state: Any
+    skipped: jax.Array  # int32[]: consecutive updates skipped for non-finite loss or gradients
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and a linear-warmup then constant/cosine schedule.
+
+    cfg: lr, warmup_steps, schedule ("constant" | "cosine"), total_steps, b1, b2,
+    weight_decay, grad_clip (0 = off).
+    """
+    warmup = int(cfg.get("warmup_steps", 0))
+    total = max(int(cfg.get("total_steps", 1)), warmup + 1)
+    if cfg.get("schedule", "constant") == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total)
+    elif cfg.get("schedule", "constant") == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)),
+                                   optax.constant_schedule(cfg.lr)], [warmup]) if warmup else cfg.lr
+    else:
+        raise ValueError(f"Unknown lr schedule {cfg.schedule!r}; use 'constant' or 'cosine'.")
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.get("grad_clip", 0) else []
+    parts.append(optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                             weight_decay=cfg.get("weight_decay", 0.0)))
+    return optax.chain(*parts)
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      skipped=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(state: TrainState, mesh, rules) -> TrainState:
+    """Params by their logical axes; optax keeps the Param wrappers (and so the axes) on the
+    moments, so the optimizer state shards like the params it belongs to."""
+    repl = NamedSharding(mesh, P())
+    return TrainState(step=repl, params=sharding_lib.state_shardings(state.params, mesh, rules),
+                      opt_state=sharding_lib.state_shardings(state.opt_state, mesh, rules), skipped=repl)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_update_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, *,
+                     state_sharding=None):
+    """jit((state, batch, frozen) -> (state, metrics)) with the state donated.
+
+    metrics gain "loss", "grad_norm" and "update_skipped" (1.0 when this update was dropped).
+    """
+    def step(state: TrainState, batch, frozen):
+        def objective(params):
+            return loss_fn(nnx.merge(graphdef, params), batch, frozen)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=jnp.where(finite, 0, state.skipped + 1),
+        )
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       update_skipped=1.0 - finite.astype(jnp.float32))
+        return new_state, metrics
+
+    out_shardings = None if state_sharding is None else (state_sharding, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)

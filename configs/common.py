@@ -1,0 +1,80 @@
+"""Building blocks for experiment configs: the run skeleton and one default per stage kind.
+
+Every experiment's `get_config(arg)` starts from `base()`, adds models, a task and stages
+made by `rl_stage` / `sft_stage` / `opd_stage` with its overrides, and returns the config
+locked, so a misspelled override fails with the key's name.
+"""
+
+import ml_collections
+
+from bridge.sharding import DEFAULT_RULES
+
+
+def cd(**kw) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(kw)
+
+
+def optimizer(lr: float, **kw) -> ml_collections.ConfigDict:
+    """AdamW + global-norm clipping; see bridge.train_state.make_optimizer."""
+    return cd(**{"lr": lr, "b1": 0.9, "b2": 0.99, "weight_decay": 0.0, "grad_clip": 1.0,
+                 "warmup_steps": 0, "schedule": "constant", **kw})
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dtype = "float32"
+    c.param_dtype = "float32"
+    c.mesh = cd(shape=(1, -1, 1), rules=tuple((k, v) for k, v in DEFAULT_RULES))
+    c.tokenizer = ""
+    c.models = ml_collections.ConfigDict()
+    c.task = cd(name="arithmetic", options=ml_collections.ConfigDict())
+    c.pipeline = cd(name="sparse_to_dense", stages=(), c1_stage="", c2_stage="")
+    c.stages = ml_collections.ConfigDict()
+    c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16)
+    c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
+    c.metrics = cd(tensorboard=True, wandb_project="", progress=True, plots=True)
+    return c
+
+
+def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
+    """GRPO defaults (token-mean, clip 0.2, group 8, T=1); override for DAPO/Dr.GRPO/GSPO/..."""
+    s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, group_size=8,
+           temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
+           loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
+           advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", entropy_coef=0.0,
+           minibatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
+           overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, optimizer=optimizer(lr))
+    s.update(kw)
+    return s
+
+
+def sft_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
+    """Forward-KL warmup on teacher samples by default; source="gold", loss="cross_entropy" for SFT."""
+    s = cd(kind="sft", model=model, init="", steps=steps, source="teacher", teacher="teacher",
+           loss="forward_kl", kl_temperature=1.0, pool_prompts=0, samples_per_prompt=8,
+           sample_batch_size=64, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
+           batch_size=256, optimizer=optimizer(lr))
+    s.update(kw)
+    return s
+
+
+def opd_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
+    """On-policy distillation with sampled-token reverse KL advantages by default."""
+    s = cd(kind="opd", model=model, init="", steps=steps, teacher="teacher", extra_teachers=(),
+           teacher_weights=(), prompts_per_step=32, group_size=8, temperature=1.0, top_p=1.0,
+           top_k_sampling=0, max_new_tokens=16, loss="sampled_reverse_kl", coef=1.0, lam=1.25,
+           beta=0.5, top_k=0, teacher_temperature=1.0, advantage_norm="none", clip_low=0.2,
+           clip_high=0.2, tip_keep_fraction=0.0, tip_alpha=1.0, tip_gamma=1.0, minibatches=1,
+           epochs=1, optimizer=optimizer(lr))
+    s.update(kw)
+    return s
+
+
+def parse_arg(arg: str | None, known: tuple[str, ...]) -> list[str]:
+    """"toy,no_warmup" -> ["toy", "no_warmup"], naming any unknown part."""
+    parts = [p for p in (arg or "").split(",") if p]
+    unknown = [p for p in parts if p not in known]
+    if unknown:
+        raise ValueError(f"Unknown config variant(s) {unknown}; known: {', '.join(known)}.")
+    return parts

@@ -1,0 +1,66 @@
+"""Toy sparse-to-dense bridge on CPU: 4-digit addition, tiny Qwen3-architecture models.
+
+    python -m launch.train --config=configs/sparse_to_dense/toy.py --workdir=/tmp/toy
+    python -m launch.train --config=configs/sparse_to_dense/toy.py:smoke --workdir=/tmp/smoke
+
+arg: comma-separated variants.
+  scale:  toy (default; minutes on 2 cores) | smoke (seconds, for tests)
+  rows:   bridge (default: RL teacher -> warmup -> OPD -> student RL) | direct_grpo |
+          raw_teacher | no_warmup | no_opd
+Settings follow the measured starting point in shared/DESIGN.md ("toy scale").
+"""
+
+from configs import common
+
+VARIANTS = ("toy", "smoke", "bridge", "direct_grpo", "raw_teacher", "no_warmup", "no_opd")
+ROWS = {
+    "bridge": ("teacher_sft", "teacher_rl", "student_sft", "warmup", "opd", "student_rl"),
+    "direct_grpo": ("student_sft", "student_rl"),
+    "raw_teacher": ("teacher_sft", "student_sft", "warmup", "opd", "student_rl"),
+    "no_warmup": ("teacher_sft", "teacher_rl", "student_sft", "opd", "student_rl"),
+    "no_opd": ("teacher_sft", "teacher_rl", "student_sft", "warmup", "student_rl"),
+}
+
+
+def get_config(arg=None):
+    parts = common.parse_arg(arg, VARIANTS)
+    smoke = "smoke" in parts
+    row = next((p for p in parts if p in ROWS), "bridge")
+    c = common.base()
+    c.tokenizer = "char:0123456789+="
+    c.task = common.cd(name="arithmetic", options=common.cd(digits=4, op="+", num_train=512, num_test=1000, seed=0))
+    arch = lambda **kw: common.cd(family="qwen3", qk_norm=True, tie_word_embeddings=True,  # noqa: E731
+                                  rope_theta=10000.0, max_position_embeddings=64, **kw)
+    c.models.teacher = common.cd(hf_dir="", arch=arch(hidden_size=128, intermediate_size=512, num_layers=4,
+                                                      num_heads=4, num_kv_heads=4, head_dim=32))
+    c.models.student = common.cd(hf_dir="", arch=arch(hidden_size=64, intermediate_size=256, num_layers=1,
+                                                      num_heads=4, num_kv_heads=4, head_dim=16))
+    gen = dict(max_new_tokens=8)
+    c.stages.teacher_sft = common.sft_stage("teacher", 1e-3, 1200, source="gold", loss="cross_entropy", batch_size=128)
+    c.stages.student_sft = common.sft_stage("student", 1e-3, 550, source="gold", loss="cross_entropy", batch_size=128)
+    c.stages.teacher_rl = common.rl_stage("teacher", 1e-4, 300, **gen)
+    c.stages.warmup = common.sft_stage("student", 1e-3, 100, teacher="teacher", samples_per_prompt=8,
+                                       batch_size=256, **gen)
+    c.stages.opd = common.opd_stage("student", 1e-4, 200, teacher="teacher", advantage_norm="whiten", **gen)
+    c.stages.student_rl = common.rl_stage("student", 3e-4, 300 if row == "direct_grpo" else 100, **gen)
+    c.pipeline.stages = ROWS[row]
+    c.pipeline.c1_stage = "teacher_rl" if "teacher_rl" in ROWS[row] else ""
+    c.pipeline.c2_stage = "opd" if "opd" in ROWS[row] else ""
+    c.eval.update(num_prompts=1000, batch_size=500, max_new_tokens=8)
+    if smoke:
+        c.task.options.update(num_train=64, num_test=32)
+        c.models.teacher.arch.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                     num_kv_heads=1, head_dim=16)
+        c.models.student.arch.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                     num_kv_heads=1, head_dim=8)
+        for s in c.stages.values():
+            s.steps = 3
+            if s.kind == "sft":
+                s.update(batch_size=8, pool_prompts=16, samples_per_prompt=2)
+            else:
+                s.update(prompts_per_step=4, group_size=4)
+        c.eval.update(num_prompts=16, batch_size=16)
+        c.checkpoint.every = 2
+        c.metrics.update(progress=False, tensorboard=False)
+    c.lock()
+    return c

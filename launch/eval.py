@@ -1,0 +1,125 @@
+"""Evaluate a model on a task: n samples per prompt, verifier scores, pass@k / maj@k reports.
+
+    python -m launch.eval --hf_dir=/path/model --task=gsm8k \
+        --task_options='{"test_path": "gsm8k/test.jsonl"}' --outdir=/tmp/eval
+    python -m launch.eval --config=configs/sparse_to_dense/toy.py \
+        --checkpoint=/tmp/toy/models/student_rl --outdir=/tmp/eval --n=4 --temperature=1.0
+
+--checkpoint / --hf_dir: a Hugging Face model folder (the trainer exports every finished stage
+to <workdir>/models/<stage>). With --config, the config supplies the tokenizer (when the model
+folder has none), the task (config.task, unless --task is given), eval.num_prompts /
+eval.batch_size / eval.max_new_tokens defaults and the seed. Writes results.json, results.md,
+passk.png and samples.jsonl to --outdir. Defaults follow the papers: n=16, T=0.7, top-p 0.8,
+top-k 20.
+"""
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (optional).")
+flags.DEFINE_string("checkpoint", None, "Model folder (HF layout) to evaluate.")
+flags.DEFINE_string("hf_dir", None, "Model folder (HF layout) to evaluate; same as --checkpoint.")
+flags.DEFINE_string("reference", None, "Reference (base) model folder for KL(policy || reference).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer folder or char:<alphabet> (default: the model's).")
+flags.DEFINE_string("task", None, "Task name (default: config.task.name).")
+flags.DEFINE_string("task_options", None, "JSON object of task options (default: config's).")
+flags.DEFINE_string("outdir", None, "Where to write the reports.")
+flags.DEFINE_string("method", None, "Row label for launch.table (default: the model folder name).")
+flags.DEFINE_string("split", "test", "Task split.")
+flags.DEFINE_integer("n", 16, "Samples per prompt.")
+flags.DEFINE_float("temperature", 0.7, "Sampling temperature (0 = greedy).")
+flags.DEFINE_float("top_p", 0.8, "Nucleus sampling mass.")
+flags.DEFINE_integer("top_k", 20, "Top-k sampling (0 = off).")
+flags.DEFINE_integer("max_new_tokens", None, "Generation budget (default: config.eval or task hint).")
+flags.DEFINE_integer("limit", None, "Evaluate the first N problems (default: config.eval.num_prompts).")
+flags.DEFINE_integer("batch_size", None, "Prompts per sampler call (default: config.eval or 64).")
+flags.DEFINE_integer("seed", None, "Sampling seed (default: config.seed or 0).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+
+def _from_config(path: str, default=None):
+  config = _CONFIG.value
+  node = config
+  for key in path.split("."):
+    if node is None or key not in node:
+      return default
+    node = node[key]
+  return node
+
+
+def _tokenizer(model_dir: str):
+  from bridge import models
+  spec = FLAGS.tokenizer or (None if _has_tokenizer(model_dir) else _from_config("tokenizer"))
+  if not spec:
+    if not _has_tokenizer(model_dir):
+      raise FileNotFoundError(f"No tokenizer in {model_dir}; pass --tokenizer or a --config with one.")
+    return models.load_tokenizer(model_dir)
+  return models.char_tokenizer(spec[5:]) if spec.startswith("char:") else models.load_tokenizer(spec)
+
+
+def _has_tokenizer(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "tokenizer.json"))
+
+
+def _task():
+  from bridge import tasks
+  name = FLAGS.task or _from_config("task.name")
+  if not name:
+    raise ValueError("No task: pass --task=<name> or a --config with task.name.")
+  if FLAGS.task_options is not None:
+    options = json.loads(FLAGS.task_options)
+  elif FLAGS.task is None or FLAGS.task == _from_config("task.name"):
+    options = _from_config("task.options")
+    options = options.to_dict() if options is not None else {}
+  else:
+    options = {}
+  return tasks.get_task(name, **options)
+
+
+def run() -> dict:
+  from bridge import models
+  from bridge.evaluation import report, runner
+
+  model_dir = FLAGS.checkpoint or FLAGS.hf_dir
+  if not model_dir or not FLAGS.outdir:
+    raise ValueError("Pass --checkpoint=<model folder> (or --hf_dir) and --outdir.")
+  if not os.path.exists(os.path.join(model_dir, "config.json")):
+    raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); pass the HF "
+                            "folder a stage exported, e.g. <workdir>/models/<stage>.")
+  dtype = _from_config("dtype", "float32")
+  model = models.load_hf(model_dir, dtype=dtype)
+  reference = models.load_hf(FLAGS.reference, dtype=dtype) if FLAGS.reference else None
+  tokenizer = _tokenizer(model_dir)
+  if reference is not None:
+    models.check_same_vocabulary(tokenizer, _tokenizer(FLAGS.reference), "reference")
+  task = _task()
+  seed = FLAGS.seed if FLAGS.seed is not None else int(_from_config("seed", 0))
+  results = runner.evaluate(
+      model, tokenizer, task, n=FLAGS.n, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+      top_k=FLAGS.top_k, max_new_tokens=FLAGS.max_new_tokens or _from_config("eval.max_new_tokens"),
+      split=FLAGS.split, limit=FLAGS.limit or _from_config("eval.num_prompts"), seed=seed,
+      reference_model=reference, batch_size=FLAGS.batch_size or _from_config("eval.batch_size", 64),
+      progress=FLAGS.progress)
+  results.update(method=FLAGS.method or os.path.basename(os.path.normpath(model_dir)),
+                 model=os.path.abspath(model_dir),
+                 reference=os.path.abspath(FLAGS.reference) if FLAGS.reference else None)
+  paths = report.write_results(results, FLAGS.outdir)
+  print(report.results_markdown(results))
+  print("wrote " + ", ".join(paths.values()))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  with cli.user_errors():
+    run()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
