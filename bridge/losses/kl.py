@@ -4,13 +4,13 @@
 With tokens sampled from the policy and d = logp - ref_logp:
 
     k1 = d                                   unbiased for KL(pi || ref), high variance, can be < 0
-    k2 = 0.5 * d^2                           biased, >= 0; its gradient is the KL gradient
+    k2 = 0.5 * d^2                           biased, >= 0; on-policy its gradient is grad KL
     k3 = exp(-d) - (-d) - 1                  unbiased, >= 0, low variance (GRPO's KL penalty)
 
 Elementwise: aggregate with `bridge.losses.aggregate` to use as a loss term, or subtract
 (times a coefficient) from per-token rewards. For k3 the log-ratio is clamped to
-+-KL_LOG_RATIO_CLAMP before the exp (as verl does) so the value stays finite; it is evaluated as expm1(-d) + d, which
-unlike exp(-d) + d - 1 cannot round below 0 for tiny d.
++-KL_LOG_RATIO_CLAMP before the exp (as verl does) so the value stays finite, and it is
+evaluated as expm1(-d) + d, which unlike exp(-d) + d - 1 cannot round below 0 for tiny d.
 """
 import jax.numpy as jnp
 
