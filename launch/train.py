@@ -9,7 +9,7 @@ bad variant, mismatched checkpoint or tokenizer) print one message and exit 2.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import cli
@@ -21,6 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     from bridge import pipelines
 
     if not _WORKDIR.value:
