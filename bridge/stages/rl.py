@@ -37,21 +37,21 @@ from bridge.tasks import soft_overlong_penalty
 def make_loss_fn(scfg):
     """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus."""
     policy = losses.policy_loss(scfg.loss, **scfg.loss_kwargs.to_dict())
-    agg = dict(aggregation=scfg.aggregation, max_len=scfg.get("max_len") or None)
+    mode, max_len = scfg.aggregation, scfg.get("max_len") or None
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
 
     def loss_fn(model, batch, frozen):
         logp, ent = scoring.completion_logprobs(model, batch, temperature, return_entropy=True)
         mask = batch["mask"] * batch["row_weight"][:, None]
         adv = batch["advantages"][:, None] * batch["tis_weight"]
-        loss, metrics = policy(logp, batch["old_logp"], adv, mask, **agg)
+        loss, metrics = policy(logp, batch["old_logp"], adv, mask, aggregation=mode, max_len=max_len)
         if scfg.kl_coef > 0 and scfg.kl_mode == "loss":
-            kl = losses.aggregate(losses.kl_estimate(logp, batch["ref_logp"], scfg.kl_kind), mask, **agg)
+            kl = losses.aggregate(losses.kl_estimate(logp, batch["ref_logp"], scfg.kl_kind), mask, mode, max_len)
             loss = loss + scfg.kl_coef * kl
             metrics["kl_ref"] = kl
         entropy = losses.masked_mean(ent, mask)
         if scfg.entropy_coef:
-            loss = loss - scfg.entropy_coef * losses.aggregate(ent, mask, **agg)
+            loss = loss - scfg.entropy_coef * losses.aggregate(ent, mask, mode, max_len)
         metrics["entropy"] = entropy
         return loss, metrics
 
