@@ -108,6 +108,8 @@ class Context:
             raise ValueError(f"Unknown model slot {slot!r}; config.models defines {sorted(self.cfg.models)}.")
         mcfg = self.cfg.models[slot]
         if mcfg.get("hf_dir"):
+            if os.path.exists(os.path.join(mcfg.hf_dir, "tokenizer.json")):
+                models.check_same_vocabulary(self.tokenizer, models.load_tokenizer(mcfg.hf_dir), what=slot)
             return self.load(mcfg.hf_dir)
         path = os.path.join(self.workdir, "models", f"init_{slot}")
         if not os.path.exists(os.path.join(path, DONE)):
@@ -262,5 +264,5 @@ def decode_completions(tokenizer, tokens, mask, eos_ids) -> list[str]:
 
 def place_batch(ctx: Context, batch: dict) -> dict:
     """Host arrays -> device arrays sharded over the batch axes of the mesh."""
-    return {k: jax.device_put(jnp.asarray(v), sharding.batch_sharding(ctx.mesh, np.ndim(v), ctx.rules))
+    return {k: jax.device_put(jnp.asarray(v), sharding.batch_sharding(ctx.mesh, np.ndim(v), ctx.rules, np.shape(v)))
             for k, v in batch.items()}

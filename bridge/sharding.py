@@ -69,9 +69,10 @@ def shard_state(state, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a [B, ...] batch array: B over the rule for "batch", the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, None, mesh))
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Sharding of a [B, ...] batch array: B over the rule for "batch", the rest replicated
+    (with `shape`, mesh axes that do not divide B are dropped)."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

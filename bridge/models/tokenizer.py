@@ -60,6 +60,6 @@ def pad_id(tokenizer) -> int:
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, what: str = "teacher") -> None:
     """Distillation compares per-token distributions, so both models must share a vocabulary."""
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError(f"The {what} tokenizer differs from the student's (vocabularies of "
+        raise ValueError(f"The {what} tokenizer differs from the run's tokenizer (vocabularies of "
                          f"{len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens, or different ids); "
                          "token-level distillation needs one shared tokenizer: pick a teacher of the same family.")

@@ -1,0 +1,111 @@
+"""The bridge pipeline end to end through the launcher, resume after SIGKILL, user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+VOLATILE = ("step_time_s", "sample_tokens_per_s", "train_tokens_per_s")
+
+
+def train_cmd(config, workdir, *overrides):
+    return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def run_train(config, workdir, *overrides, timeout=900):
+    return subprocess.run(train_cmd(config, workdir, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_smoke_bridge_runs_end_to_end(tmp_path):
+    result = run_train("configs/sparse_to_dense/toy.py:smoke", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert list(summary["stages"]) == ["teacher_sft", "teacher_rl", "student_sft", "warmup", "opd", "student_rl"]
+    assert np.isfinite(summary["c2_teacher_student_kl_before_opd"])
+    assert 0.0 <= summary["c1_teacher_accuracy_after_rl"] <= 1.0
+    for stage in summary["stages"]:
+        assert (tmp_path / "plots" / f"{stage}.png").exists()
+        assert (tmp_path / "models" / stage / "model.safetensors").exists()
+        assert (tmp_path / "checkpoints" / stage).is_dir()
+    import transformers  # the exported student loads in transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "models" / "student_rl"))
+    assert model.config.num_hidden_layers == 1
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r["stage"] == "teacher_rl" and "reward" in r]
+    assert {"reward", "accuracy", "entropy", "response_length", "clip_frac_high", "grad_norm",
+            "sample_tokens_per_s", "train_tokens_per_s", "step_time_s"} <= set(rl[0])
+
+
+RESUME_CONFIG = '''
+from configs.sparse_to_dense import toy
+
+
+def get_config(arg=None):
+    c = toy.get_config("smoke")
+    with c.unlocked():
+        c.pipeline.stages = ("teacher_sft", "opd")
+        c.pipeline.c1_stage = ""
+        c.stages.teacher_sft.steps = 4
+        c.stages.opd.steps = 6
+        c.checkpoint.every = 1
+    return c
+'''
+
+
+def _final(workdir):
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+    return load_file(str(workdir / "models" / "opd" / "model.safetensors")), records
+
+
+def test_resume_after_sigkill_matches_straight_run(tmp_path):
+    config = tmp_path / "resume_config.py"
+    config.write_text(RESUME_CONFIG)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train(str(config), straight).returncode == 0
+    proc = subprocess.Popen(train_cmd(str(config), killed), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cursor = killed / "cursor.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if cursor.exists():
+            try:
+                state = json.loads(cursor.read_text())
+            except json.JSONDecodeError:
+                state = {}
+            if state.get("stage") == "opd" and state.get("step", 0) >= 3:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models" / "opd" / "STAGE_DONE").exists()
+    resumed = run_train(str(config), killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params_a, metrics_a = _final(straight)
+    params_b, metrics_b = _final(killed)
+    assert metrics_a == metrics_b
+    for name in params_a:
+        np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
+
+
+def test_unknown_config_key_names_it(tmp_path):
+    result = run_train("configs/sparse_to_dense/toy.py:smoke", tmp_path, "--config.stages.opd.stepz=3")
+    assert result.returncode == 2
+    assert "stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_variant_names_it(tmp_path):
+    result = run_train("configs/sparse_to_dense/toy.py:smoke,no_bridge", tmp_path)
+    assert result.returncode != 0
+    assert "no_bridge" in result.stderr
