@@ -235,23 +235,19 @@ def _write_cursor(ctx: Context, stage: str, step: int) -> None:
 
 
 def evaluate_slot(ctx: Context, model) -> dict:
-    """Greedy accuracy and mean length on the first `eval.num_prompts` test prompts."""
-    from bridge import sampling
+    """Greedy accuracy, response length and entropy on the first `eval.num_prompts` test prompts."""
+    from bridge.evaluation import runner
 
     ecfg = ctx.cfg.eval
-    examples = list(ctx.task.examples("test"))[: int(ecfg.num_prompts)]
-    if not examples:
+    if not int(ecfg.num_prompts):
         return {}
-    scores, lengths = [], []
-    for i in range(0, len(examples), int(ecfg.batch_size)):
-        chunk = examples[i: i + int(ecfg.batch_size)]
-        out = sampling.generate(model, [ctx.task.prompt_ids(e, ctx.tokenizer) for e in chunk],
-                                max_new_tokens=int(ecfg.max_new_tokens), temperature=0.0,
-                                eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, seed=0, mesh=ctx.mesh, rules=ctx.rules)
-        texts = decode_completions(ctx.tokenizer, out.tokens, out.mask, ctx.eos_ids)
-        scores += [ctx.task.reward(t, e).score for t, e in zip(texts, chunk)]
-        lengths += np.asarray(out.lengths).tolist()
-    return {"accuracy": float(np.mean(scores)), "response_length": float(np.mean(lengths))}
+    out = runner.evaluate(model, ctx.tokenizer, ctx.task, n=1, temperature=0.0, top_p=1.0, top_k=0,
+                          max_new_tokens=int(ecfg.max_new_tokens), limit=int(ecfg.num_prompts),
+                          batch_size=int(ecfg.batch_size), eos_ids=ctx.eos_ids, mesh=ctx.mesh,
+                          rules=ctx.rules, progress=False)
+    m = out["metrics"]
+    return {"accuracy": m["avg@1"], "response_length": m["mean_response_length"],
+            "entropy": m["mean_token_entropy"]}
 
 
 def decode_completions(tokenizer, tokens, mask, eos_ids) -> list[str]:

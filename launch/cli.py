@@ -22,8 +22,9 @@ def parse_flags(argv):
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         key = re.findall(r"'([^']+)'", text)
         where = f" (overrides given: {', '.join(overrides)})" if overrides else ""
-        fail(f"bad command line: {text}{where}" if not key else
-             f"unknown or invalid config key {key[0]!r}: {text}{where}")
+        config_error = any(a.startswith("--config.") for a in argv[1:]) and key
+        fail(f"unknown or invalid config key {key[0]!r}: {text}{where}" if config_error else
+             f"bad command line: {text}")
 
 
 @contextlib.contextmanager
