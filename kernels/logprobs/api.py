@@ -47,6 +47,11 @@ def _check_temperature(temperature):
     return temperature
 
 
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
 def token_logprobs(hidden, lm_head, targets, temperature=1.0, *, return_entropy=False,
                    chunk_size=None, implementation=None):
     """Log-probability of each target token under softmax(hidden @ lm_head / temperature).
@@ -64,6 +69,9 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, *, return_entropy=
       chunk_size: token rows per chunk for ``"chunked"`` (default: by vocabulary size).
       implementation: None (by size), ``"reference"`` or ``"chunked"``.
 
+    For data parallelism call it inside ``jax.shard_map`` (hidden and targets sharded over
+    the batch, lm_head replicated): see `chunked`.
+
     Returns:
       float32[B, T] log-probabilities, or (logp, entropy) with ``return_entropy``. Both are
       differentiable with respect to ``hidden`` and ``lm_head``.
@@ -73,6 +81,7 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, *, return_entropy=
         raise ValueError(f"token_logprobs: targets {targets.shape} must have the leading shape "
                          f"of hidden {hidden.shape}")
     temperature = _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
     n_tokens = math.prod(hidden.shape[:-1])
     if _choose_implementation(implementation, n_tokens, lm_head.shape[1]) == "reference":
         return reference.token_logprobs(hidden, lm_head, targets, temperature,
@@ -130,6 +139,7 @@ def token_divergence(student_hidden, student_head, teacher_hidden, teacher_head,
     if not 0 <= top_k < vocab_size:
         raise ValueError(f"top_k must be in [0, V) = [0, {vocab_size}), got {top_k}")
     temperature = _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
     n_tokens = math.prod(student_hidden.shape[:-1])
     if _choose_implementation(implementation, n_tokens, vocab_size) == "reference":
         return reference.token_divergence(student_hidden, student_head, teacher_hidden,

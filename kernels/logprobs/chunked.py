@@ -12,10 +12,16 @@ the same chunks, recomputes each chunk's logits and forms the logit cotangent ``
 
 then ``d hidden_chunk = dz @ W^T / temperature`` (one output slice per chunk) and
 ``dW += hidden_chunk^T @ dz / temperature`` into a float32 ``[D, V]`` scan carry, which is
-the head gradient itself. The working set beside inputs and outputs is a few
-``[chunk_size, V]`` float32 buffers, so the chunk size bounds the memory; chunking the
-vocabulary as well is not needed for that (a smaller token chunk does the same job).
-Rows are zero-padded up to a whole number of chunks; padded rows get zero cotangent.
+the head gradient itself (an output, not a temporary). That add goes in place one
+vocabulary tile at a time (`_add_head_gradient`): a plain add makes XLA hold the [D, V]
+product as a second gradient-sized temporary. The logits themselves need no vocabulary
+chunking: the token chunk size bounds them. Rows are zero-padded up to a whole number of
+chunks; padded rows get zero cotangent.
+
+Data parallelism: call the kernels inside ``jax.shard_map`` with the hidden states sharded
+over the batch and the heads replicated; each device streams its own rows, and the head
+gradient is psummed once per backward pass (`_sum_to_axes_of`). Under plain ``jax.jit``
+with a batch-sharded input the chunk slicing runs over the sharded row axis.
 """
 import functools
 import math
@@ -87,6 +93,23 @@ def _add_head_gradient(d_head, hidden_chunk, dz):
     return jax.lax.fori_loop(0, -(-vocab_size // tile), add_tile, d_head)
 
 
+def _varying_like(x, *like):
+    """Inside `jax.shard_map`, mark ``x`` as varying over the mesh axes any of ``like`` varies
+    over, so a scan carry initialized with it has the type of its updates (no-op outside)."""
+    axes = (set().union(*(jax.typeof(y).manual_axis_type.varying for y in like))
+            - jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
+def _sum_to_axes_of(cotangent, primal):
+    """Inside `jax.shard_map`, psum a cotangent over the mesh axes it varies over but its
+    primal does not (a head replicated across data-parallel shards gets the sum of the
+    shards' gradients, once per backward pass); no-op outside."""
+    axes = (jax.typeof(cotangent).manual_axis_type.varying
+            - jax.typeof(primal).manual_axis_type.varying)
+    return jax.lax.psum(cotangent, tuple(sorted(axes))) if axes else cotangent
+
+
 def _scan_gradients(logit_cotangent_fn, hidden, lm_head, temperature, chunk_size, xs):
     """Backward scan shared by both kernels.
 
@@ -102,9 +125,11 @@ def _scan_gradients(logit_cotangent_fn, hidden, lm_head, temperature, chunk_size
         d_hidden = jnp.einsum("cv,dv->cd", dz, lm_head, preferred_element_type=jnp.float32)
         return _add_head_gradient(d_head, hidden_chunk, dz), d_hidden.astype(hidden.dtype)
 
-    d_head, d_hidden = jax.lax.scan(
-        step, jnp.zeros(lm_head.shape, jnp.float32), (_to_chunks(hidden, chunk_size), xs))
-    return _from_chunks(d_hidden, hidden.shape[0]), d_head.astype(lm_head.dtype)
+    d_head_init = _varying_like(jnp.zeros(lm_head.shape, jnp.float32), hidden, lm_head)
+    d_head, d_hidden = jax.lax.scan(step, d_head_init, (_to_chunks(hidden, chunk_size), xs))
+    d_hidden = _from_chunks(d_hidden, hidden.shape[0])
+    return (_sum_to_axes_of(d_hidden, hidden),
+            _sum_to_axes_of(d_head, lm_head).astype(lm_head.dtype))
 
 
 # ---------------------------------------------------------------- token log-probabilities

@@ -1,6 +1,7 @@
 """kernels.logprobs.token_divergence: every kind (full vocabulary and top-k) against a NumPy
 reference, chunked gradients against autodiff of the plain-jnp reference, teacher
 stop-gradient, and a compile-only memory check."""
+import functools
 import unittest.mock
 
 import chex
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from jax.sharding import PartitionSpec as P
 
 from kernels.logprobs import chunked, token_divergence, token_logprobs
 
@@ -135,17 +137,16 @@ def test_student_gradient_matches_finite_differences():
     direction of the student head (float64 NumPy)."""
     student_hidden, student_head, teacher_hidden, teacher_head, _ = make_inputs(seed=3)
     direction = np.random.default_rng(0).normal(size=student_head.shape)
-    for kind, top_k in (("jsd", TOP_K),):
-        grad = jax.grad(lambda w: jnp.sum(token_divergence(
-            student_hidden, w, teacher_hidden, teacher_head, kind, beta=BETA, top_k=top_k,
-            temperature=TEMPERATURE, chunk_size=16, implementation="chunked")))(student_head)
-        eps = 1e-4
-        plus = numpy_divergence(student_hidden, student_head + eps * direction, teacher_hidden,
-                                teacher_head, kind, top_k=top_k).sum()
-        minus = numpy_divergence(student_hidden, student_head - eps * direction, teacher_hidden,
-                                 teacher_head, kind, top_k=top_k).sum()
-        np.testing.assert_allclose(float(jnp.sum(grad * direction)), (plus - minus) / (2 * eps),
-                                   rtol=1e-4)
+    grad = jax.grad(lambda w: jnp.sum(token_divergence(
+        student_hidden, w, teacher_hidden, teacher_head, "jsd", beta=BETA, top_k=TOP_K,
+        temperature=TEMPERATURE, chunk_size=16, implementation="chunked")))(student_head)
+    eps = 1e-4
+    plus = numpy_divergence(student_hidden, student_head + eps * direction, teacher_hidden,
+                            teacher_head, "jsd", top_k=TOP_K).sum()
+    minus = numpy_divergence(student_hidden, student_head - eps * direction, teacher_hidden,
+                             teacher_head, "jsd", top_k=TOP_K).sum()
+    np.testing.assert_allclose(float(jnp.sum(grad * direction)), (plus - minus) / (2 * eps),
+                               rtol=1e-4)
 
 
 def test_identical_models_have_zero_divergence_and_cross_entropy_is_the_entropy():
@@ -213,3 +214,29 @@ def test_chunked_divergence_gradient_never_holds_the_logits():
         chunked_temp = temp_bytes(kind, top_k, "chunked")
         assert reference_temp >= materialized
         assert chunked_temp < materialized / 4 and chunked_temp < reference_temp / 8
+
+
+def test_inside_shard_map_over_the_batch_matches_the_reference():
+    """Data parallel use: both hidden states sharded over 8 devices, heads replicated; the
+    student head's gradient is summed over the shards."""
+    mesh = jax.make_mesh((8,), ("data",))
+    rng = np.random.default_rng(6)
+    student_hidden = rng.normal(size=(8, 5, D_STUDENT)).astype(np.float32)
+    teacher_hidden = rng.normal(size=(8, 5, D_TEACHER)).astype(np.float32)
+    _, student_head, _, teacher_head, _ = make_inputs(seed=6)
+    jsd = functools.partial(token_divergence, kind="jsd", top_k=TOP_K)
+    expected = jax.value_and_grad(
+        lambda sh, sw: jnp.sum(jsd(sh, sw, teacher_hidden, teacher_head,
+                                   implementation="reference")),
+        argnums=(0, 1))(student_hidden, student_head)
+    with jax.set_mesh(mesh):
+        local = jax.shard_map(
+            functools.partial(jsd, chunk_size=4, implementation="chunked"),
+            in_specs=(P("data"), P(), P("data"), P()), out_specs=P("data"))
+        sharded_teacher_hidden = jax.device_put(teacher_hidden, P("data"))
+        value_and_grad = jax.jit(jax.value_and_grad(
+            lambda sh, sw: jnp.sum(local(sh, sw, sharded_teacher_hidden, teacher_head)),
+            argnums=(0, 1)))
+        result = jax.device_get(value_and_grad(jax.device_put(student_hidden, P("data")),
+                                               jax.device_put(student_head, P())))
+    chex.assert_trees_all_close(result, expected, rtol=RTOL, atol=ATOL)

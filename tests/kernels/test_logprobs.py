@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from jax.sharding import PartitionSpec as P
 
 from kernels.logprobs import api, chunked, reference, token_logprobs
 
@@ -161,6 +162,7 @@ def test_auto_dispatch_picks_reference_when_small_and_chunked_when_large():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(implementation="pallas_typo"), ValueError, "unknown implementation"),
     (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(chunk_size=0, implementation="chunked"), ValueError, "chunk_size must be"),
 ])
 def test_invalid_arguments_raise(kwargs, error, match):
     hidden, head, targets, _ = make_inputs()
@@ -212,3 +214,27 @@ def test_reference_module_matches_numpy_directly():
     expected_logp, expected_entropy, _ = numpy_logprobs(hidden, head, targets, 1.3)
     chex.assert_trees_all_close((logp, entropy), (expected_logp, expected_entropy),
                                 rtol=RTOL, atol=ATOL)
+
+
+def test_inside_shard_map_over_the_batch_matches_the_reference():
+    """Data parallel use: hidden/targets sharded over 8 devices, head replicated. The chunked
+    backward psums the replicated head's gradient over the shards; values and gradients
+    equal the single-device reference."""
+    mesh = jax.make_mesh((8,), ("data",))
+    rng = np.random.default_rng(5)
+    hidden = rng.normal(size=(8, 5, D)).astype(np.float32)
+    head = (0.4 * rng.normal(size=(D, V))).astype(np.float32)
+    targets = rng.integers(0, V, size=(8, 5)).astype(np.int32)
+    expected = jax.value_and_grad(lambda h, w: jnp.sum(token_logprobs(
+        h, w, targets, TEMPERATURE, implementation="reference")), argnums=(0, 1))(hidden, head)
+    with jax.set_mesh(mesh):
+        local = jax.shard_map(
+            lambda h, w, t: token_logprobs(h, w, t, TEMPERATURE, chunk_size=4,
+                                           implementation="chunked"),
+            in_specs=(P("data"), P(), P("data")), out_specs=P("data"))
+        sharded_targets = jax.device_put(targets, P("data"))
+        value_and_grad = jax.jit(jax.value_and_grad(
+            lambda h, w: jnp.sum(local(h, w, sharded_targets)), argnums=(0, 1)))
+        args = (jax.device_put(hidden, P("data")), jax.device_put(head, P()))
+        result = jax.device_get(value_and_grad(*args))
+    chex.assert_trees_all_close(result, expected, rtol=RTOL, atol=ATOL)
