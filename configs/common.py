@@ -31,7 +31,7 @@ def base() -> ml_collections.ConfigDict:
     c.task = cd(name="arithmetic", options=ml_collections.ConfigDict())
     c.pipeline = cd(name="sparse_to_dense", stages=(), c1_stage="", c2_stage="")
     c.stages = ml_collections.ConfigDict()
-    c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16)
+    c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16, n=1, temperature=0.0, top_p=1.0, top_k=0)
     c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
     c.metrics = cd(tensorboard=True, wandb_project="", progress=True, plots=True)
     return c
