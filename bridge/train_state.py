@@ -92,7 +92,7 @@ def make_update_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformati
             opt_state=keep(opt_state, state.opt_state),
             skipped=jnp.where(finite, 0, state.skipped + 1),
         )
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        update_skipped=1.0 - finite.astype(jnp.float32))
         return new_state, metrics
 

@@ -7,12 +7,37 @@ arg: comma-separated variants.
   scale:  toy (default; minutes on 2 cores) | smoke (seconds, for tests)
   rows:   bridge (default: RL teacher -> warmup -> OPD -> student RL) | direct_grpo |
           raw_teacher | no_warmup | no_opd
+  RL:     grpo (default) | dapo | drgrpo | gspo | sapo | cispo | rloo | grpo_kl
+  OPD:    opd (default: sampled reverse KL, whitened) | exopd | opd_rkl | opd_jsd | opd_topk |
+          distil | opd_tip
 Settings follow the measured starting point in shared/DESIGN.md ("toy scale").
 """
 
 from configs import common
 
-VARIANTS = ("toy", "smoke", "bridge", "direct_grpo", "raw_teacher", "no_warmup", "no_opd")
+RL_ALGOS = {
+    "grpo": {},
+    "dapo": dict(loss_kwargs=common.cd(clip_low=0.2, clip_high=0.28), dynamic_sampling=True,
+                 overlong_buffer=2, overlong_penalty=1.0),
+    "drgrpo": dict(advantage="drgrpo", aggregation="seq-mean-token-sum-norm"),
+    "gspo": dict(loss="gspo", loss_kwargs=common.cd(clip_low=3e-4, clip_high=4e-4),
+                 aggregation="seq-mean-token-mean"),
+    "sapo": dict(loss="sapo", loss_kwargs=common.cd(tau_pos=1.0, tau_neg=1.05)),
+    "cispo": dict(loss="cispo", loss_kwargs=common.cd(clip_high=0.28)),
+    "rloo": dict(advantage="rloo"),
+    "grpo_kl": dict(kl_coef=0.05, kl_kind="k3", kl_mode="loss"),
+}
+OPD_LOSSES = {
+    "opd": {},
+    "exopd": dict(loss="exopd", lam=1.25),
+    "opd_rkl": dict(loss="reverse_kl"),
+    "opd_jsd": dict(loss="jsd", beta=0.5),
+    "opd_topk": dict(loss="reverse_kl", top_k=4),
+    "distil": dict(loss="forward_ce"),
+    "opd_tip": dict(tip_keep_fraction=0.5),
+}
+VARIANTS = ("toy", "smoke", "bridge", "direct_grpo", "raw_teacher", "no_warmup", "no_opd",
+            *RL_ALGOS, *OPD_LOSSES)
 ROWS = {
     "bridge": ("teacher_sft", "teacher_rl", "student_sft", "warmup", "opd", "student_rl"),
     "direct_grpo": ("student_sft", "student_rl"),
@@ -43,6 +68,11 @@ def get_config(arg=None):
                                        batch_size=256, **gen)
     c.stages.opd = common.opd_stage("student", 1e-4, 200, teacher="teacher", advantage_norm="whiten", **gen)
     c.stages.student_rl = common.rl_stage("student", 3e-4, 300 if row == "direct_grpo" else 100, **gen)
+    for algo in (p for p in parts if p in RL_ALGOS):
+        c.stages.teacher_rl.update(RL_ALGOS[algo])
+        c.stages.student_rl.update(RL_ALGOS[algo])
+    for variant in (p for p in parts if p in OPD_LOSSES):
+        c.stages.opd.update(OPD_LOSSES[variant])
     c.pipeline.stages = ROWS[row]
     c.pipeline.c1_stage = "teacher_rl" if "teacher_rl" in ROWS[row] else ""
     c.pipeline.c2_stage = "opd" if "opd" in ROWS[row] else ""

@@ -1,0 +1,222 @@
+"""Stages: loss parity with the objectives library, 1 vs 8 devices, learning, failures."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bridge import checkpoint, losses, mesh as mesh_lib, models, pipelines, runtime, train_state
+from bridge.stages import opd, rl
+from configs import common
+from configs.sparse_to_dense import toy
+
+
+def tiny_model(seed=0, layers=1, vocab=23):
+    cfg = models.ModelConfig(family="qwen3", vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                             num_layers=layers, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
+    return models.Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def hand_batch(rows=8, p=5, n=7, vocab=23, seed=0):
+    rng = np.random.default_rng(seed)
+    prompt_mask = np.ones((rows, p), bool)
+    prompt_mask[0, :2] = False
+    mask = np.ones((rows, n), bool)
+    mask[1, 4:] = False
+    mask[2, :] = False
+    return {"prompt_tokens": rng.integers(0, vocab, (rows, p)).astype(np.int32), "prompt_mask": prompt_mask,
+            "tokens": rng.integers(0, vocab, (rows, n)).astype(np.int32), "mask": mask,
+            "old_logp": -rng.uniform(1, 4, (rows, n)).astype(np.float32),
+            "ref_logp": -rng.uniform(1, 4, (rows, n)).astype(np.float32),
+            "advantages": rng.normal(size=rows).astype(np.float32),
+            "row_weight": np.array([1, 1, 1, 0] + [1] * (rows - 4), np.float32),
+            "tis_weight": rng.uniform(0.5, 1.0, (rows, n)).astype(np.float32),
+            "token_weight": np.ones((rows, n), np.float32)}
+
+
+def reference_logp(model, batch, temperature=1.0):
+    """Materialized logits -> log_softmax -> gather (independent of kernels.logprobs)."""
+    seq = np.concatenate([batch["prompt_tokens"], batch["tokens"]], 1)
+    att = np.concatenate([batch["prompt_mask"], np.ones_like(batch["mask"])], 1)
+    p = batch["prompt_tokens"].shape[1]
+    logits = np.asarray(model(seq, attention_mask=att))[:, p - 1:-1] / temperature
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logp = np.take_along_axis(logits, batch["tokens"][..., None], -1)[..., 0] - logz
+    return logits, logp
+
+
+def test_rl_loss_equals_objectives_library():
+    model = tiny_model()
+    batch = hand_batch()
+    scfg = common.rl_stage("student", 1e-3, 1, temperature=0.7, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01,
+                           loss_kwargs=common.cd(clip_low=0.2, clip_high=0.28))
+    loss, metrics = rl.make_loss_fn(scfg)(model, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    logits, logp = reference_logp(model, batch, 0.7)
+    mask = batch["mask"] * batch["row_weight"][:, None]
+    adv = batch["advantages"][:, None] * batch["tis_weight"]
+    want, _ = losses.clipped_surrogate(logp, batch["old_logp"], adv, mask, clip_low=0.2, clip_high=0.28)
+    want += 0.1 * losses.aggregate(losses.kl_estimate(logp, batch["ref_logp"], "k3"), mask)
+    ent = -(jax.nn.softmax(logits) * jax.nn.log_softmax(logits)).sum(-1)
+    want -= 0.01 * losses.aggregate(ent, mask)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["entropy"]), float(losses.masked_mean(ent, mask)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
+def test_opd_full_vocabulary_loss_equals_objectives_library(kind):
+    student, teacher = tiny_model(0), tiny_model(1, layers=2)
+    batch = hand_batch()
+    scfg = common.opd_stage("student", 1e-3, 1, loss=kind)
+    graphdef, state = nnx.split(teacher)
+    loss, _ = opd.make_loss_fn(scfg, [graphdef], [1.0])(student, {k: jnp.asarray(v) for k, v in batch.items()},
+                                                         [state])
+    s_logits, _ = reference_logp(student, batch)
+    t_logits, _ = reference_logp(teacher, batch)
+    per_token = getattr(losses, kind)(s_logits, t_logits)
+    np.testing.assert_allclose(float(loss), float(losses.masked_mean(per_token, batch["mask"])), rtol=1e-5)
+
+
+def _one_rl_update(devices):
+    mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
+    scfg = common.rl_stage("student", 1e-2, 1)
+    graphdef, params = nnx.split(tiny_model())
+    tx = train_state.make_optimizer(scfg.optimizer)
+    state = train_state.init_state(params, tx)
+    sh = train_state.state_shardings(state, mesh, None)
+    state = jax.device_put(state, sh)
+    step = train_state.make_update_step(graphdef, rl.make_loss_fn(scfg), tx, state_sharding=sh)
+    batch = {k: jnp.asarray(v) for k, v in hand_batch().items()}
+    with jax.set_mesh(mesh):
+        batch = {k: jax.device_put(v, runtime.sharding.batch_sharding(mesh, v.ndim, shape=v.shape))
+                 for k, v in batch.items()}
+        new, metrics = step(state, batch, None)
+    return jax.device_get(new.params), jax.device_get(metrics)
+
+
+def test_update_step_on_8_devices_equals_1_device():
+    one_params, one_metrics = _one_rl_update(jax.devices()[:1])
+    eight_params, eight_metrics = _one_rl_update(jax.devices())
+    chex.assert_trees_all_close(one_params, eight_params, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(one_metrics["loss"], eight_metrics["loss"], rtol=1e-5)
+
+
+def test_update_step_skips_nonfinite_loss():
+    graphdef, params = nnx.split(tiny_model())
+    tx = train_state.make_optimizer(common.optimizer(1e-2))
+    state = train_state.init_state(params, tx)
+    before = jax.device_get(state.params)
+
+    def loss_fn(model, batch, frozen):
+        loss = jnp.mean(model(batch["ids"])) * batch["scale"]
+        return loss, {}
+
+    step = train_state.make_update_step(graphdef, loss_fn, tx)
+    bad = {"ids": jnp.ones((2, 3), jnp.int32), "scale": jnp.float32(jnp.nan)}
+    state, m = step(state, bad, None)
+    assert int(state.skipped) == 1 and int(state.step) == 0 and float(m["update_skipped"]) == 1.0
+    chex.assert_trees_all_equal(jax.device_get(state.params), before)
+    state, m = step(state, dict(bad, scale=jnp.float32(1.0)), None)
+    assert int(state.skipped) == 0 and int(state.step) == 1
+
+
+def smoke_config(stages, **stage_overrides):
+    c = toy.get_config("smoke")
+    with c.unlocked():
+        c.pipeline.stages = tuple(stages)
+        c.pipeline.c1_stage = c.pipeline.c2_stage = ""
+        c.metrics.plots = False
+        for path, value in stage_overrides.items():
+            stage, key = path.split("__", 1)
+            c.stages[stage][key] = value
+    return c
+
+
+def test_run_stage_stops_after_consecutive_nonfinite_updates(tmp_path):
+    cfg = smoke_config(["student_sft"])
+    ctx = runtime.make_context(cfg, str(tmp_path))
+    graphdef, params = nnx.split(tiny_model())
+    tx = train_state.make_optimizer(common.optimizer(1e-3))
+    state0 = train_state.init_state(params, tx)
+
+    def build(ctx, name, scfg):
+        def step(state, i):
+            return state.replace(skipped=jnp.int32(max(0, i - 1))), {"loss": jnp.float32(i)}
+        return runtime.StageProgram(graphdef, state0, step)
+
+    scfg = common.cd(model="student", steps=10)
+    with pytest.raises(runtime.NonFiniteError, match="3 consecutive non-finite"):
+        runtime.run_stage(ctx, "flaky", scfg, build)
+    ckpt = checkpoint.StageCheckpoints(str(tmp_path), "flaky")
+    assert ckpt.latest_step() == 4  # skipped updates leave params untouched
+    assert not (tmp_path / "models" / "flaky").exists()
+
+
+def test_sft_stage_learns(tmp_path):
+    cfg = smoke_config(["student_sft"], student_sft__steps=12, student_sft__batch_size=16)
+    cfg.stages.student_sft.optimizer.lr = 1e-2
+    pipelines.run(cfg, str(tmp_path))
+    losses_ = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(x)]
+    assert np.mean(losses_[-3:]) < 0.8 * np.mean(losses_[:3])
+
+
+def test_opd_stage_reduces_teacher_kl(tmp_path):
+    cfg = smoke_config(["teacher_sft", "opd"], teacher_sft__steps=10, opd__steps=8, opd__loss="reverse_kl")
+    cfg.stages.teacher_sft.optimizer.lr = 1e-2
+    cfg.stages.opd.optimizer.lr = 1e-2
+    pipelines.run(cfg, str(tmp_path))
+    kl = [r["teacher_kl"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+          if r["stage"] == "opd" and "teacher_kl" in r]
+    assert np.mean(kl[-2:]) < 0.7 * np.mean(kl[:2])
+
+
+def test_unknown_stage_kind_and_loss_are_named(tmp_path):
+    cfg = smoke_config(["student_rl"], student_rl__kind="rll")
+    with pytest.raises(ValueError, match="Unknown stage kind 'rll'"):
+        pipelines.run(cfg, str(tmp_path / "a"))
+    cfg = smoke_config(["student_rl"], student_rl__loss="grpoo")
+    with pytest.raises(ValueError, match="Unknown policy loss 'grpoo'"):
+        pipelines.run(cfg, str(tmp_path / "b"))
+    cfg = smoke_config(["nonexistent"])
+    with pytest.raises(ValueError, match="'nonexistent' is not defined"):
+        pipelines.run(cfg, str(tmp_path / "c"))
+
+
+def test_teacher_with_another_tokenizer_stops_at_startup(tmp_path):
+    other = models.char_tokenizer("abcdefghij")
+    teacher = models.Decoder(models.ModelConfig(
+        family="qwen3", vocab_size=len(other), hidden_size=16, intermediate_size=32, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True), rngs=nnx.Rngs(0))
+    models.save_hf(teacher, str(tmp_path / "teacher"), tokenizer=other)
+    cfg = smoke_config(["warmup"])
+    cfg.models.teacher.hf_dir = str(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="teacher tokenizer differs"):
+        pipelines.run(cfg, str(tmp_path / "run"))
+
+
+def test_corrupted_checkpoint_stops_and_is_kept(tmp_path):
+    cfg = smoke_config(["student_sft"], student_sft__steps=2)
+    pipelines.run(cfg, str(tmp_path))
+    os.remove(tmp_path / "models" / "student_sft" / runtime.DONE)  # pretend the stage never finished
+    state_dir = tmp_path / "checkpoints" / "student_sft" / "2" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    listing = sorted(p.name for p in state_dir.rglob("*"))
+    with pytest.raises(checkpoint.CheckpointError, match="Cannot restore the checkpoint"):
+        pipelines.run(cfg, str(tmp_path))
+    assert sorted(p.name for p in state_dir.rglob("*")) == listing
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    pipelines.run(smoke_config(["student_sft"], student_sft__steps=1), str(tmp_path))
+    cfg = smoke_config(["student_sft"], student_sft__steps=1)
+    cfg.models.student.arch.hidden_size = 32
+    with pytest.raises(checkpoint.CheckpointError, match="different config.*models.student.arch.hidden_size"):
+        pipelines.run(cfg, str(tmp_path))
