@@ -208,6 +208,7 @@ def run_stage(ctx: Context, name: str, scfg, build: Callable) -> None:
             state, step_metrics = program.step(state, step)
             step_metrics = metrics_lib.to_floats(step_metrics)
             step_metrics["step_time_s"] = time.perf_counter() - t0
+            step_metrics.update(memory_metrics())
             if int(state.skipped) >= max_nonfinite:
                 raise NonFiniteError(
                     f"Stage {name!r}: {int(state.skipped)} consecutive non-finite losses/gradients at step "
@@ -227,6 +228,18 @@ def run_stage(ctx: Context, name: str, scfg, build: Callable) -> None:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(stage_results, f, indent=2)
     open(os.path.join(out_dir, DONE), "w").close()
+
+
+def memory_metrics() -> dict:
+    """Peak host RSS and, where the backend reports it, device memory in use (GiB)."""
+    import resource
+
+    out = {"host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats:
+        out["device_bytes_in_use_gib"] = stats["bytes_in_use"] / 2**30
+        out["device_peak_bytes_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+    return out
 
 
 def _write_cursor(ctx: Context, stage: str, step: int) -> None:

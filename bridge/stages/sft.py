@@ -2,7 +2,8 @@
 
 Pool (built once, saved in the workdir so a resumed run reuses it):
   source="teacher": `samples_per_prompt` teacher samples for each of `pool_prompts` prompts;
-  source="gold":    the task's reference completions (used to pretrain toy models).
+  source="gold":    the task's reference completions (used to pretrain toy models);
+  pool_file=path:   a JSONL file of {"prompt", "completion"} texts, read instead of sampling.
 Loss:
   loss="forward_kl":    mean_t KL(p_T(.|x,y<t) || p_S(.|x,y<t)) over the full vocabulary
                         (the bridge's warmup; streamed through kernels.logprobs);
@@ -12,6 +13,7 @@ Rows are drawn by a seeded permutation per epoch, so the batch at step i is a fu
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -21,22 +23,36 @@ from bridge import losses, runtime, scoring
 from bridge.stages import common
 
 
-def gold_pool(ctx: runtime.Context, examples) -> dict:
-    """Prompt + reference completion + eos for each example, padded to fixed shapes."""
-    prompts = [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples]
-    targets = [ctx.tokenizer.encode(e.solution, add_special_tokens=False) + [ctx.tokenizer.eos_token_id]
-               for e in examples]
-    p, n = max(map(len, prompts)), max(map(len, targets))
-    out = {"prompt_tokens": np.full((len(examples), p), ctx.pad_id, np.int32),
-           "prompt_mask": np.zeros((len(examples), p), bool),
-           "tokens": np.full((len(examples), n), ctx.pad_id, np.int32),
-           "mask": np.zeros((len(examples), n), bool)}
+def pad_pool(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
+    """Ragged prompt / completion ids -> left-padded prompts and right-padded completions."""
+    p, n, rows = max(map(len, prompts)), max(map(len, targets)), len(prompts)
+    out = {"prompt_tokens": np.full((rows, p), pad_id, np.int32), "prompt_mask": np.zeros((rows, p), bool),
+           "tokens": np.full((rows, n), pad_id, np.int32), "mask": np.zeros((rows, n), bool)}
     for i, (a, b) in enumerate(zip(prompts, targets)):
         out["prompt_tokens"][i, p - len(a):] = a
         out["prompt_mask"][i, p - len(a):] = True
         out["tokens"][i, :len(b)] = b
         out["mask"][i, :len(b)] = True
     return out
+
+
+def gold_pool(ctx: runtime.Context, examples) -> dict:
+    """Prompt + reference completion + eos for each example."""
+    eos = [ctx.tokenizer.eos_token_id]
+    return pad_pool([ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
+                    [ctx.tokenizer.encode(e.solution, add_special_tokens=False) + eos for e in examples],
+                    ctx.pad_id)
+
+
+def file_pool(ctx: runtime.Context, path: str) -> dict:
+    """A JSONL file of {"prompt": text, "completion": text} records (e.g. saved teacher samples)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records or not all("prompt" in r and "completion" in r for r in records):
+        raise ValueError(f"{path}: expected JSONL records with 'prompt' and 'completion' fields.")
+    eos = [ctx.tokenizer.eos_token_id]
+    enc = lambda t: ctx.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    return pad_pool([enc(r["prompt"]) for r in records], [enc(r["completion"]) + eos for r in records], ctx.pad_id)
 
 
 def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, name: str) -> dict:
@@ -60,7 +76,12 @@ def load_or_build_pool(ctx, name, scfg, teacher) -> dict:
     examples = list(ctx.task.examples("train"))
     if scfg.pool_prompts:
         examples = examples[: int(scfg.pool_prompts)]
-    pool = gold_pool(ctx, examples) if scfg.source == "gold" else teacher_pool(ctx, teacher, examples, scfg, name)
+    if scfg.get("pool_file"):
+        pool = file_pool(ctx, scfg.pool_file)
+    elif scfg.source == "gold":
+        pool = gold_pool(ctx, examples)
+    else:
+        pool = teacher_pool(ctx, teacher, examples, scfg, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".tmp.npz", **pool)
     os.replace(path + ".tmp.npz", path)
