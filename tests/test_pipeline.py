@@ -97,6 +97,14 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path):
     assert metrics_a == metrics_b
     for name in params_a:
         np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
+    # launch.convert exports the latest opd checkpoint: the same weights as the stage's export
+    out = tmp_path / "converted"
+    converted = subprocess.run([sys.executable, "-m", "launch.convert", f"--workdir={killed}", "--stage=opd",
+                                f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    exported = load_file(str(out / "model.safetensors"))
+    for name in params_b:
+        np.testing.assert_array_equal(exported[name], params_b[name], err_msg=name)
 
 
 def test_unknown_config_key_names_it(tmp_path):
