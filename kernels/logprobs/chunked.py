@@ -148,19 +148,19 @@ def _logprobs_forward(temperature, chunk_size, with_entropy, hidden, lm_head, ta
         logits = reference.tempered_logits(hidden_chunk, lm_head, temperature)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, target_chunk[:, None], axis=-1)[:, 0]
-        if with_entropy:
-            log_probs = logits - lse[:, None]
-            entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-        else:
-            entropy = jnp.zeros_like(lse)
+        if not with_entropy:
+            return target_logit - lse, lse
+        log_probs = logits - lse[:, None]
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
         return target_logit - lse, lse, entropy
 
-    logp, lse, entropy = jax.lax.map(
+    outputs = jax.lax.map(
         chunk_forward, (_to_chunks(hidden, chunk_size), _to_chunks(targets, chunk_size)))
-    logp, entropy = _from_chunks(logp, n_rows), _from_chunks(entropy, n_rows)
-    if with_entropy:
-        return (logp, entropy), (hidden, lm_head, targets, lse, entropy)
-    return logp, (hidden, lm_head, targets, lse, None)
+    logp, lse = _from_chunks(outputs[0], n_rows), outputs[1]
+    if not with_entropy:
+        return logp, (hidden, lm_head, targets, lse, None)
+    entropy = _from_chunks(outputs[2], n_rows)
+    return (logp, entropy), (hidden, lm_head, targets, lse, entropy)
 
 
 def _logprobs_backward(temperature, chunk_size, with_entropy, residuals, cotangent):

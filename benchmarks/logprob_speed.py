@@ -1,0 +1,97 @@
+"""Wall time of kernels.logprobs, reference vs chunked, at a size that runs on a laptop CPU.
+
+N = B * T = 4 * 512 tokens, D = 512, V = 32,000, float32: `jax.jit` of the token_logprobs
+forward, its gradient wrt (hidden, lm_head), and the gradient of the full-vocabulary JSD
+wrt the student. Each function is compiled and run once, then timed REPEATS times (median,
+`block_until_ready`); the 1-minute load average is recorded, since on a shared machine
+other jobs slow both columns alike. The reference materializes [N, V] logits (0.25 GiB
+here), so this is the size range where the reference is still affordable; above it only
+chunked fits.
+Writes benchmarks/results/logprob_speed.md.
+
+    .venv/bin/python benchmarks/logprob_speed.py
+"""
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
+
+BATCH, LENGTH, WIDTH, VOCAB = 4, 512, 512, 32_000
+REPEATS = 3
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "logprob_speed.md")
+
+
+def cases(implementation):
+    def logp(hidden, head, targets):
+        return token_logprobs(hidden, head, targets, implementation=implementation)
+
+    def logp_loss(hidden, head, targets):
+        return jnp.sum(logp(hidden, head, targets))
+
+    def jsd_loss(hidden, head, targets):
+        return jnp.sum(token_divergence(hidden, head, hidden[..., ::-1], head[::-1], "jsd",
+                                        implementation=implementation))
+
+    return [("token_logprobs forward", logp),
+            ("token_logprobs grad (hidden, head)", jax.grad(logp_loss, argnums=(0, 1))),
+            ("token_divergence jsd grad (student)", jax.grad(jsd_loss, argnums=(0, 1)))]
+
+
+def median_seconds(fn, args):
+    compiled = jax.jit(fn)
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    keys = jax.random.split(jax.random.key(0), 3)
+    args = (jax.random.normal(keys[0], (BATCH, LENGTH, WIDTH)),
+            0.05 * jax.random.normal(keys[1], (WIDTH, VOCAB)),
+            jax.random.randint(keys[2], (BATCH, LENGTH), 0, VOCAB))
+    rows = []
+    for (name, reference_fn), (_, chunked_fn) in zip(cases("reference"), cases("chunked")):
+        reference_s = median_seconds(reference_fn, args)
+        chunked_s = median_seconds(chunked_fn, args)
+        rows.append((name, reference_s, chunked_s))
+        print(f"{name:40s} reference {reference_s:.3f} s  chunked {chunked_s:.3f} s", flush=True)
+    device = jax.devices()[0]
+    lines = [
+        "# kernels.logprobs: wall time, reference vs chunked",
+        "",
+        f"N = {BATCH}*{LENGTH} = {BATCH * LENGTH} tokens, D = {WIDTH}, V = {VOCAB}, float32; "
+        f"jitted, median of {REPEATS} runs after one warm-up run. Chunked at its default chunk "
+        f"size ({chunked.default_chunk_size(BATCH * LENGTH, VOCAB)} tokens).",
+        "",
+        f"Machine: {platform.platform()}; processor {platform.processor() or platform.machine()}"
+        f"; {os.cpu_count()} CPUs; jax {jax.__version__}, backend {jax.default_backend()} "
+        f"({device.device_kind}); 1-minute load average at the end {os.getloadavg()[0]:.1f}.",
+        "",
+        "Command: `.venv/bin/python benchmarks/logprob_speed.py`",
+        "",
+        "| function | reference (s) | chunked (s) | chunked / reference |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {reference_s:.3f} | {chunked_s:.3f} | {chunked_s / reference_s:.2f} |"
+              for name, reference_s, chunked_s in rows]
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as results:
+        results.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
