@@ -8,10 +8,34 @@ sequence. Logits are never materialized: `kernels.logprobs` streams over the voc
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from kernels.logprobs import token_divergence, token_logprobs
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_parallel(fn, batch_args: tuple, shared_args: tuple):
+    """fn(*batch_args, *shared_args) computed per batch shard under the current mesh.
+
+    The streaming kernels loop over token chunks; under plain GSPMD a loop over a
+    batch-sharded axis would slice across devices every iteration. Inside `shard_map` each
+    device streams over its own rows, the shared heads are replicated, and their gradients
+    are summed across shards once. Without a mesh (or with rows that do not divide) fn runs
+    as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+    rows = batch_args[0].shape[0]
+    if not axes or rows % math.prod(mesh.shape[a] for a in axes):
+        return fn(*batch_args, *shared_args)
+    spec = P(axes)
+    return jax.shard_map(fn, in_specs=(spec,) * len(batch_args) + (P(),) * len(shared_args),
+                         out_specs=spec)(*batch_args, *shared_args)
 
 
 def completion_hidden(model, batch) -> jax.Array:
@@ -26,8 +50,8 @@ def completion_hidden(model, batch) -> jax.Array:
 
 def completion_logprobs(model, batch, temperature: float = 1.0, return_entropy: bool = False):
     """log pi(y_t | x, y_<t) float32[B, N] (and the entropy of pi at each position)."""
-    return token_logprobs(completion_hidden(model, batch), model.head(), batch["tokens"],
-                          temperature, return_entropy=return_entropy)
+    fn = lambda h, t, w: token_logprobs(h, w, t, temperature, return_entropy=return_entropy)  # noqa: E731
+    return batch_parallel(fn, (completion_hidden(model, batch), batch["tokens"]), (model.head(),))
 
 
 def completion_divergence(student, teacher, batch, kind: str, *, beta: float = 0.5, top_k: int = 0,
@@ -36,5 +60,6 @@ def completion_divergence(student, teacher, batch, kind: str, *, beta: float = 0
     and teacher (teacher under stop-gradient): "forward_kl", "reverse_kl", "jsd", "forward_ce"."""
     teacher_hidden = jax.lax.stop_gradient(completion_hidden(teacher, batch))
     teacher_head = jax.lax.stop_gradient(teacher.head())
-    return token_divergence(completion_hidden(student, batch), student.head(), teacher_hidden,
-                            teacher_head, kind, beta=beta, top_k=top_k, temperature=temperature)
+    fn = lambda sh, th, sw, tw: token_divergence(sh, sw, th, tw, kind, beta=beta, top_k=top_k,  # noqa: E731
+                                                 temperature=temperature)
+    return batch_parallel(fn, (completion_hidden(student, batch), teacher_hidden), (student.head(), teacher_head))
