@@ -220,3 +220,24 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     cfg.models.student.arch.hidden_size = 32
     with pytest.raises(checkpoint.CheckpointError, match="different config.*models.student.arch.hidden_size"):
         pipelines.run(cfg, str(tmp_path))
+
+
+def test_rl_stage_raises_the_probability_of_correct_answers(tmp_path):
+    """GRPO on 1-digit addition after a short SFT: the gold answers' log-probability rises."""
+    from bridge import scoring
+    from bridge.stages import sft
+
+    cfg = smoke_config(["student_sft", "student_rl"], student_sft__steps=60, student_sft__batch_size=16,
+                       student_sft__pool_prompts=22, student_rl__steps=12, student_rl__prompts_per_step=8,
+                       student_rl__group_size=8)
+    cfg.task.options.update(digits=1, num_train=22, num_test=5)
+    cfg.stages.student_sft.optimizer.lr = 1e-2
+    cfg.stages.student_rl.optimizer.lr = 1e-3
+    pipelines.run(cfg, str(tmp_path))
+    ctx = runtime.make_context(cfg, str(tmp_path))
+    pool = sft.gold_pool(ctx, list(ctx.task.examples("train")))
+    gold = {}
+    for stage in ("student_sft", "student_rl"):
+        logp = scoring.completion_logprobs(models.load_hf(str(tmp_path / "models" / stage)), pool)
+        gold[stage] = float((np.asarray(logp) * pool["mask"]).sum(1).mean())
+    assert gold["student_rl"] > gold["student_sft"] + 0.02, gold
