@@ -3,47 +3,49 @@
 A random Qwen3-shaped model (4 layers, hidden 256, MLP 768, 4 heads / 2 kv heads of 64,
 vocab 32000, tied embeddings) is built with transformers, saved as safetensors and loaded by
 both. Same prompts (PROMPT_LEN random tokens per row), greedy, exactly NEW_TOKENS new tokens
-(no eos), CPU float32, batch 1, 8 and 32. Each side is warmed up (compiled) once, then timed
-end to end (Python lists / tensors in, tokens on the host out) REPEATS times; the median is
-reported as new tokens per second. torch runs with as many threads as XLA's CPU client has
-cores. Writes benchmarks/results/sampler_vs_hf.md.
+(no eos: transformers gets min_new_tokens), CPU float32, batch 1, 8 and 32.
 
-    .venv/bin/python benchmarks/sampler_vs_hf.py
+Each thread setting runs in its own process, because XLA reads its thread settings once:
+"all" = every core for both (torch.set_num_threads(cores), XLA's default thread pool), and
+"1" = the process pinned to one core with one thread on each side. Each side is warmed up
+(compiled) once, then the two are timed alternately, end to end (Python lists / tensors in,
+tokens on the host out), REPEATS times; the best time of each is reported as new tokens/s,
+which is the figure least disturbed by other work on a shared machine (the load average is
+recorded too). Writes benchmarks/results/sampler_vs_hf.md.
+
+    .venv/bin/python benchmarks/sampler_vs_hf.py                 # threads "all" and "1"
+    .venv/bin/python benchmarks/sampler_vs_hf.py --threads all
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from bridge import models, sampling  # noqa: E402
 
 BATCHES = (1, 8, 32)
 PROMPT_LEN = 32
 NEW_TOKENS = 64
 REPEATS = 5
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sampler_vs_hf.md")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "sampler_vs_hf.md")
 
 MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
              rope_theta=1_000_000.0, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
 
 
-def build_model(path: str) -> transformers.PreTrainedModel:
+def build_model(path: str) -> None:
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**MODEL)).eval()
     with torch.no_grad():  # wider than the default init so greedy paths are not near-ties
@@ -51,36 +53,59 @@ def build_model(path: str) -> transformers.PreTrainedModel:
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
-    return model
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation (ours) / first-call allocations (torch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def worker(path: str, threads: str) -> dict:
+    """Times both samplers in this process with the given thread setting; returns the rows."""
+    if threads == "1":
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import numpy as np
+    import torch
+    import transformers
 
+    sys.path.insert(0, ROOT)
+    from bridge import models, sampling
 
-def ours_fn(model, prompts):
-    def run():
-        out = sampling.generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
-        return np.asarray(out.tokens)
-    return run
+    torch.set_num_threads(1 if threads == "1" else os.cpu_count())
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = models.load_hf(path)
+    rng = np.random.default_rng(0)
+    load_before = os.getloadavg()
+    rows = []
+    for batch in BATCHES:
+        prompts = rng.integers(0, MODEL["vocab_size"], (batch, PROMPT_LEN)).tolist()
+        ids = torch.tensor(prompts)
 
+        def ours():
+            out = sampling.generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
+            return np.asarray(out.tokens)
 
-def hf_fn(model, prompts):
-    ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
+        def theirs():
+            with torch.inference_mode():
+                out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                        do_sample=False, pad_token_id=0)
+            return out[:, PROMPT_LEN:].numpy()
 
-    def run():
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        return out[:, PROMPT_LEN:].numpy()
-    return run
+        agree = float(np.mean(ours() == theirs()))  # also the warm-up (compilation) run
+        times = {ours: [], theirs: []}
+        for _ in range(REPEATS):
+            for fn in (ours, theirs):
+                start = time.perf_counter()
+                fn()
+                times[fn].append(time.perf_counter() - start)
+        tps_ours = batch * NEW_TOKENS / min(times[ours])
+        tps_hf = batch * NEW_TOKENS / min(times[theirs])
+        rows.append(dict(batch=batch, ours=tps_ours, hf=tps_hf, agree=agree))
+        print(f"threads {threads}, batch {batch}: bridge {tps_ours:.0f} tok/s, transformers {tps_hf:.0f} tok/s, "
+              f"ratio {tps_ours / tps_hf:.2f}x, same greedy tokens {agree:.1%}", file=sys.stderr, flush=True)
+    return dict(threads=threads, rows=rows, load=(load_before, os.getloadavg()),
+                versions=f"jax {jax.__version__}, torch {torch.__version__}, "
+                         f"transformers {transformers.__version__}")
 
 
 def cpu_name() -> str:
@@ -94,44 +119,55 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    threads = os.cpu_count()  # XLA's CPU client uses every core
-    torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
-    rows = []
-    with tempfile.TemporaryDirectory() as path:
-        hf_model = build_model(path)
-        model = models.load_hf(path)
-        for batch in BATCHES:
-            prompts = rng.integers(0, MODEL["vocab_size"], (batch, PROMPT_LEN)).tolist()
-            ours, theirs = ours_fn(model, prompts), hf_fn(hf_model, prompts)
-            agree = float(np.mean(ours() == theirs()))
-            t_ours, t_hf = timed(ours, REPEATS), timed(theirs, REPEATS)
-            tps_ours, tps_hf = batch * NEW_TOKENS / t_ours, batch * NEW_TOKENS / t_hf
-            rows.append((batch, tps_ours, tps_hf, tps_ours / tps_hf, agree))
-            print(f"batch {batch}: ours {tps_ours:.0f} tok/s, transformers {tps_hf:.0f} tok/s, "
-                  f"ratio {tps_ours / tps_hf:.2f}x, greedy tokens equal {agree:.1%}", flush=True)
-    table = ["| batch | bridge tok/s | transformers tok/s | ratio | same greedy tokens |",
-             "|---:|---:|---:|---:|---:|"]
-    table += [f"| {b} | {o:.0f} | {h:.0f} | {r:.2f}x | {a:.1%} |" for b, o, h, r, a in rows]
-    machine = (f"{cpu_name()}, {os.cpu_count()} cores visible, {threads} threads each side; "
-               f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-               f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
-    text = "\n".join([
+def report(results: list[dict]) -> str:
+    table = ["| threads | batch | bridge tok/s | transformers tok/s | ratio | same greedy tokens |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    loads = []
+    for res in results:
+        threads = f"{os.cpu_count()} (all)" if res["threads"] == "all" else res["threads"]
+        for r in res["rows"]:
+            table.append(f"| {threads} | {r['batch']} | {r['ours']:.0f} | {r['hf']:.0f} | "
+                         f"{r['ours'] / r['hf']:.2f}x | {r['agree']:.1%} |")
+        loads.append(f"threads {threads}: {res['load'][0][0]:.1f} before, {res['load'][1][0]:.1f} after")
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores; {platform.system()} {platform.release()}, "
+               f"Python {platform.python_version()}, {results[0]['versions']}")
+    return "\n".join([
         "# Sampler vs transformers generate (CPU, float32)", "",
         f"Qwen3-shaped random model: {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
         f"MLP {MODEL['intermediate_size']}, {MODEL['num_attention_heads']} heads / "
         f"{MODEL['num_key_value_heads']} kv heads x {MODEL['head_dim']}, vocab {MODEL['vocab_size']}, tied "
-        f"embeddings. Greedy, {PROMPT_LEN}-token prompts, exactly {NEW_TOKENS} new tokens, end-to-end "
-        f"median of {REPEATS} runs after one warm-up run.", "",
-        f"Machine: {machine}.", "",
+        f"embeddings, the same safetensors loaded by both. Greedy, {PROMPT_LEN}-token random prompts, exactly "
+        f"{NEW_TOKENS} new tokens per row. New tokens per second, end to end, best of {REPEATS} alternating "
+        "runs after one warm-up (compilation) run; ratio = bridge / transformers.", "",
+        f"Machine: {machine}.", f"1-minute load average (shared machine): {'; '.join(loads)}.", "",
         "Command: `.venv/bin/python benchmarks/sampler_vs_hf.py`", "",
         *table, ""])
-    print("\n" + "\n".join(table))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", default="all,1", help="comma-separated: 'all' and/or '1'")
+    parser.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.threads)))
+        return
+    settings = args.threads.split(",")
+    if any(s not in ("all", "1") for s in settings):
+        parser.error(f"--threads takes 'all' and/or '1'; got {args.threads!r}")
+    with tempfile.TemporaryDirectory() as path:
+        build_model(path)
+        results = []
+        for threads in settings:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, "--threads", threads],
+                                  stdout=subprocess.PIPE, check=True, text=True)
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    text = report(results)
+    print("\n" + text)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         f.write(text)
-    print(f"\nwrote {RESULTS}")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

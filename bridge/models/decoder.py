@@ -106,28 +106,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-_NEG = -0.7 * float(np.finfo(np.float32).max)
-
-
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of one new token per row over the cache, as broadcast-multiply-reduce.
-
-        out[b, h] = sum_s softmax_s(q[b,h] . k[b,s,h//G] / sqrt(Dh) + bias[b,s]) v[b,s,h//G]
-
-    q [B,1,H,Dh], k/v [B,S,Hkv,Dh] in the cache's layout, mask bool[B,1,S]. Same value as
-    `kernels.attention` (float32 softmax); written without dot_general so that XLA reads the
-    cache in place instead of transposing it into a batched-matmul layout every decode step.
-    """
-    b, _, h, dh = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, 1, hkv, h // hkv, dh).astype(jnp.float32)  # [B,1,Hkv,G,Dh]
-    scores = jnp.sum(k.astype(jnp.float32)[:, :, :, None, :] * qg, axis=-1) * (dh**-0.5)  # [B,S,Hkv,G]
-    scores = jnp.where(mask[:, 0, :, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B,Hkv,G,Dh]
-    return out.reshape(b, 1, h, dh).astype(q.dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -158,10 +136,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, write_index, zero, zero))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, write_index, zero, zero))
             kv = (k, v)
-        if kv is not None and t == 1:
-            out = decode_attention(q, k, v, mask)
-        else:
-            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(b, t, h * hd)), kv
 
 

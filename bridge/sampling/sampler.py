@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -397,4 +398,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     states = sampler.place(states)
     out = sampler(states[0], jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
                   proxy_states=states[1:], live=jnp.asarray(live))
-    return jax.tree.map(lambda x: x[: b * n], out)
+    return out if rows == b else _first_rows(out, b * n)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(out: SampleOutput, count: int) -> SampleOutput:
+    """Drops the batch-padding rows in one dispatch."""
+    return jax.tree.map(lambda x: x[:count], out)

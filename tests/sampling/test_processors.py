@@ -86,12 +86,13 @@ def test_is_stop():
     assert not np.asarray(processors.is_stop(tokens, ())).any()
 
 
-def test_greedy_matches_numpy_and_breaks_ties_low(logits):
-    z = logits.copy()
-    z[1, 7] = z[1, 30] = z[1].max() + 1.0  # a tie: the lower index wins, as np.argmax
-    token, logprob = greedy(jnp.asarray(z))
+@pytest.mark.parametrize("rows", [1, 4])
+def test_greedy_matches_numpy_and_breaks_ties_low(logits, rows):
+    z = logits[:rows].copy()
+    z[-1, 7] = z[-1, 30] = z[-1].max() + 1.0  # a tie: the lower index wins, as np.argmax
+    token, logprob = jax.jit(greedy)(jnp.asarray(z))
     np.testing.assert_array_equal(np.asarray(token), np.argmax(z, -1))
-    want = np_log_softmax(z)[np.arange(4), np.argmax(z, -1)]
+    want = np_log_softmax(z)[np.arange(rows), np.argmax(z, -1)]
     np.testing.assert_allclose(np.asarray(logprob), want, rtol=1e-5)
 
 
