@@ -278,13 +278,12 @@ class Sampler:
             return
         rules = self.rules or shd.DEFAULT_RULES
         state_sh = tuple(shd.state_shardings(s, self.mesh, rules) for s in states)
-        batch1, batch2 = shd.batch_sharding(self.mesh, 1, rules), shd.batch_sharding(self.mesh, 2, rules)
-        repl = shd.replicated(self.mesh)
         self._state_shardings = state_sh
+        # Batch inputs arrive placed by `__call__` (rows over the batch axes where they divide);
+        # prefill's outputs keep whatever sharding XLA gave them, so decode takes them as they come.
         self._jitted = (
-            jax.jit(self._prefill_fn, in_shardings=(state_sh, batch2, batch2)),
-            jax.jit(self._decode_fn, donate_argnums=(1,),
-                    in_shardings=(state_sh, None, batch2, batch2, batch2, batch1, repl)),
+            jax.jit(self._prefill_fn, in_shardings=(state_sh, None, None)),
+            jax.jit(self._decode_fn, donate_argnums=(1,), in_shardings=(state_sh,) + (None,) * 6),
         )
 
     def place(self, states):
@@ -313,10 +312,10 @@ class Sampler:
         if live is None:
             live = jnp.ones((prompt_tokens.shape[0],), bool)
         if self.mesh is not None:
-            batch1 = shd.batch_sharding(self.mesh, 1, self.rules or shd.DEFAULT_RULES)
-            batch2 = shd.batch_sharding(self.mesh, 2, self.rules or shd.DEFAULT_RULES)
+            rules = self.rules or shd.DEFAULT_RULES
+            batch2 = shd.batch_sharding(self.mesh, 2, rules, prompt_tokens.shape)
             prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch2)
-            live = jax.device_put(live, batch1)
+            live = jax.device_put(live, shd.batch_sharding(self.mesh, 1, rules, live.shape))
             rng = jax.device_put(rng, shd.replicated(self.mesh))
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
             caches, logits = self.prefill(states, prompt_tokens, prompt_mask)
