@@ -231,7 +231,7 @@ def test_paper_update_step_compiles(module, name):
 
 @pytest.mark.slow
 def test_paper_config_smoke_scale_runs(tmp_path):
-    """The paper structure at smoke scale through the launcher (about 2 minutes on 2 cores)."""
+    """The paper structure at smoke scale through the launcher (1-2 minutes on 2 busy cores)."""
     result = subprocess.run([sys.executable, "-m", "launch.train",
                              "--config=configs/sparse_to_dense/qwen3_1p7b_math.py:smoke",
                              f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
