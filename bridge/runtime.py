@@ -85,7 +85,7 @@ class Context:
     def load(self, path: str):
         dtype = self.cfg.get("dtype", "float32")
         return models.load_hf(path, dtype=dtype, param_dtype=self.cfg.get("param_dtype", dtype),
-                              mesh=self.mesh, rules=self.rules)
+                              mesh=self.mesh, rules=self.rules, remat=bool(self.cfg.get("remat", False)))
 
     def model(self, ref: str):
         """A model by reference: a slot name ("teacher"), "stage:<name>" or "hf:<path>"."""
@@ -248,18 +248,21 @@ def _write_cursor(ctx: Context, stage: str, step: int) -> None:
 
 
 def evaluate_slot(ctx: Context, model) -> dict:
-    """Greedy accuracy, response length and entropy on the first `eval.num_prompts` test prompts."""
+    """avg@n accuracy (greedy by default), pass@n, response length and entropy on the first
+    `eval.num_prompts` test prompts, sampled as config.eval says."""
     from bridge.evaluation import runner
 
     ecfg = ctx.cfg.eval
     if not int(ecfg.num_prompts):
         return {}
-    out = runner.evaluate(model, ctx.tokenizer, ctx.task, n=1, temperature=0.0, top_p=1.0, top_k=0,
+    n = int(ecfg.get("n", 1))
+    out = runner.evaluate(model, ctx.tokenizer, ctx.task, n=n, temperature=float(ecfg.get("temperature", 0.0)),
+                          top_p=float(ecfg.get("top_p", 1.0)), top_k=int(ecfg.get("top_k", 0)),
                           max_new_tokens=int(ecfg.max_new_tokens), limit=int(ecfg.num_prompts),
                           batch_size=int(ecfg.batch_size), eos_ids=ctx.eos_ids, mesh=ctx.mesh,
-                          rules=ctx.rules, progress=False)
+                          rules=ctx.rules, progress=False, seed=int(ctx.cfg.seed))
     m = out["metrics"]
-    return {"accuracy": m["avg@1"], "response_length": m["mean_response_length"],
+    return {"accuracy": m[f"avg@{n}"], f"pass@{n}": m[f"pass@{n}"], "response_length": m["mean_response_length"],
             "entropy": m["mean_token_entropy"]}
 
 

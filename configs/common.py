@@ -25,6 +25,7 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = "float32"
     c.param_dtype = "float32"
+    c.remat = False  # recompute each decoder block in the backward pass (long sequences)
     c.mesh = cd(shape=(1, -1, 1), rules=tuple((k, v) for k, v in DEFAULT_RULES))
     c.tokenizer = ""
     c.models = ml_collections.ConfigDict()

@@ -73,16 +73,18 @@ def read_config(path: str, *, dtype=jnp.float32, param_dtype=None) -> ModelConfi
     return cfg
 
 
-def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None) -> Decoder:
+def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None,
+            remat: bool = False) -> Decoder:
     """Loads a transformers checkpoint folder (config.json + safetensors) into a `Decoder`.
 
-    dtype is the compute dtype; param_dtype defaults to it. With `mesh` (and logical-axis
+    dtype is the compute dtype; param_dtype defaults to it; remat recomputes each block's
+    activations in the backward pass (long sequences). With `mesh` (and logical-axis
     `rules`), every tensor is placed straight onto its shards. A missing or unexpected tensor
     or a shape mismatch raises one ValueError naming every offending tensor.
     """
     from bridge import sharding  # local: sharding imports models for abstract shapes
 
-    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype)
+    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype).replace(remat=remat)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     expected = {hf_name(p)[0]: (p, var) for p, var in iter_params(model)}
     location = {}

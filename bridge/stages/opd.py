@@ -55,6 +55,8 @@ def make_loss_fn(scfg, teacher_graphdefs, weights):
 def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     if scfg.loss not in PG_LOSSES + FULL_LOSSES:
         raise ValueError(f"Stage {name!r}: unknown opd loss {scfg.loss!r}; choose one of {PG_LOSSES + FULL_LOSSES}.")
+    if scfg.advantage_norm not in ("none", "whiten"):
+        raise ValueError(f"Stage {name!r}: advantage_norm must be 'none' or 'whiten', not {scfg.advantage_norm!r}.")
     model = ctx.model(scfg.get("init") or scfg.model)
     refs = [scfg.teacher] + list(scfg.get("extra_teachers", ()))
     weights = list(scfg.get("teacher_weights", ())) or [1.0 / len(refs)] * len(refs)

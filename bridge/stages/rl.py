@@ -126,6 +126,8 @@ def _group(roll: dict, g: int, n: int) -> dict:
 
 
 def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+    if scfg.kl_mode not in ("loss", "reward"):
+        raise ValueError(f"Stage {name!r}: kl_mode must be 'loss' or 'reward', not {scfg.kl_mode!r}.")
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates)

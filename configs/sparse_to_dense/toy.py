@@ -69,8 +69,9 @@ def get_config(arg=None):
     c.stages.opd = common.opd_stage("student", 1e-4, 200, teacher="teacher", advantage_norm="whiten", **gen)
     c.stages.student_rl = common.rl_stage("student", 3e-4, 300 if row == "direct_grpo" else 100, **gen)
     for algo in (p for p in parts if p in RL_ALGOS):
-        c.stages.teacher_rl.update(RL_ALGOS[algo])
-        c.stages.student_rl.update(RL_ALGOS[algo])
+        for stage in (c.stages.teacher_rl, c.stages.student_rl):
+            for key, value in RL_ALGOS[algo].items():
+                stage[key] = value  # assignment, not update: loss_kwargs are replaced whole
     for variant in (p for p in parts if p in OPD_LOSSES):
         c.stages.opd.update(OPD_LOSSES[variant])
     c.pipeline.stages = ROWS[row]

@@ -38,3 +38,19 @@ def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="needs 12 devices"):
         mesh_lib.resolve_shape((3, 4, 1), 8)
     assert mesh_lib.resolve_shape((2, -1, 2), 8) == (2, 2, 2)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg = models.ModelConfig(family="qwen3", vocab_size=31, hidden_size=16, intermediate_size=32, num_layers=2,
+                             num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
+    ids = jnp.arange(12).reshape(2, 6) % 31
+    results = []
+    for remat in (False, True):
+        graphdef, state = nnx.split(models.Decoder(cfg.replace(remat=remat), rngs=nnx.Rngs(0)))
+        results.append(jax.jit(jax.value_and_grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(ids) ** 2)))(state))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
