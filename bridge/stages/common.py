@@ -105,6 +105,24 @@ def minibatches(batch: dict, num: int, rng: np.random.Generator | None) -> list[
     return [{k: v[idx] for k, v in arrays.items()} for idx in np.split(order, num)]
 
 
+def run_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, num_minibatches: int,
+                seed: tuple[int, int], tokens: float):
+    """`epochs` passes of `num_minibatches` shuffled updates over one rollout batch.
+
+    Returns (state, metrics): the mean of the update metrics plus train_tokens_per_s.
+    """
+    rng = np.random.default_rng(list(seed)) if num_minibatches > 1 else None
+    t0 = time.perf_counter()
+    updates = []
+    for _ in range(epochs):
+        for mb in minibatches(batch, num_minibatches, rng):
+            state, m = trainer.update(state, mb, frozen)
+            updates.append(m)
+    metrics = mean_metrics(updates)  # waits for the updates, so the timing below is honest
+    metrics["train_tokens_per_s"] = tokens * epochs / max(time.perf_counter() - t0, 1e-9)
+    return state, metrics
+
+
 def response_metrics(rollout: dict) -> dict:
     """Reward, accuracy, response length and truncation rate of a rollout batch."""
     return {"reward": float(rollout["rewards"].mean()),

@@ -17,11 +17,8 @@ computed once per rollout batch and reused by every epoch and minibatch.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from bridge import advantages as adv_lib, losses, runtime, scoring
@@ -103,15 +100,10 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
             token_weight = adv_lib.tip_token_weights(entropy, gap, mask, scfg.tip_alpha, scfg.tip_gamma,
                                                      scfg.tip_keep_fraction).astype(jnp.float32)
         batch.update(old_logp=old_logp, advantages=adv, token_weight=token_weight)
-        np_rng = np.random.default_rng([int(ctx.cfg.seed), i])
-        t0 = time.perf_counter()
-        updates = []
-        for _ in range(scfg.epochs):
-            for mb in common.minibatches(batch, scfg.minibatches, np_rng if scfg.minibatches > 1 else None):
-                state, m = trainer.update(state, mb, teacher_states)
-                updates.append(m)
-        metrics.update(common.mean_metrics(updates))
-        metrics["train_tokens_per_s"] = float(roll["lengths"].sum()) * scfg.epochs / max(time.perf_counter() - t0, 1e-9)
+        state, update_metrics = common.run_updates(
+            trainer, state, batch, teacher_states, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
+            seed=(int(ctx.cfg.seed), i), tokens=float(roll["lengths"].sum()))
+        metrics.update(update_metrics)
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, data, slot=scfg.model)

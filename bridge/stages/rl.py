@@ -22,8 +22,6 @@ the truncated importance correction for sampler/trainer mismatch (Yao et al. 202
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,23 +157,15 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
             tis = jnp.minimum(jnp.exp(old_logp - jnp.asarray(roll["sample_logp"])), scfg.tis_cap)
         else:
             tis = jnp.ones_like(old_logp)
-        extra = {"old_logp": old_logp, "tis_weight": tis}
         batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
-        batch.update(extra)
-        np_rng = np.random.default_rng([int(ctx.cfg.seed), i])
-        t0 = time.perf_counter()
-        step_metrics = []
-        for _ in range(scfg.epochs):
-            for mb in common.minibatches(batch, scfg.minibatches, np_rng if scfg.minibatches > 1 else None):
-                state, m = trainer.update(state, mb, None)
-                step_metrics.append(m)
-        metrics.update(common.mean_metrics(step_metrics))
-        tokens = float(np.asarray(roll["lengths"]).sum()) * scfg.epochs
-        metrics.update(train_tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
-                       advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
-                       kept_group_frac=float(row_weight.mean()),
-                       sampler_trainer_logp_gap=float(jnp.sum(jnp.abs(old_logp - roll["sample_logp"]) * batch["mask"])
-                                                      / max(float(np.sum(roll["mask"])), 1.0)))
+        batch.update(old_logp=old_logp, tis_weight=tis)
+        state, update_metrics = common.run_updates(
+            trainer, state, batch, None, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
+            seed=(int(ctx.cfg.seed), i), tokens=float(roll["lengths"].sum()))
+        metrics.update(update_metrics)
+        gap = losses.masked_mean(jnp.abs(old_logp - roll["sample_logp"]), batch["mask"])
+        metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
+                       kept_group_frac=float(row_weight.mean()), sampler_trainer_logp_gap=float(gap))
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, data, slot=scfg.model)
