@@ -14,6 +14,7 @@ logged) before shuffling, identically on every host.
 State: `iterator.get_state()` is a small JSON-serializable dict (grain's position plus the fields
 that must match on restore); `set_state` restores it, so a resumed run sees the same next batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,174 +30,237 @@ from bridge.tasks.base import Example, Task
 
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:
-  """ids int32[b, L] left-padded prompts; mask bool[b, L] (True on tokens); the b examples;
-  epoch of the batch's first row (counted over the whole split)."""
-  ids: np.ndarray
-  mask: np.ndarray
-  examples: list[Example]
-  epoch: int
+    """ids int32[b, L] left-padded prompts; mask bool[b, L] (True on tokens); the b examples;
+    epoch of the batch's first row (counted over the whole split)."""
 
-  def token_lists(self) -> list[list[int]]:
-    """The unpadded prompts (the sampler's ragged input)."""
-    return [row[m].tolist() for row, m in zip(self.ids, self.mask)]
+    ids: np.ndarray
+    mask: np.ndarray
+    examples: list[Example]
+    epoch: int
+
+    def token_lists(self) -> list[list[int]]:
+        """The unpadded prompts (the sampler's ragged input)."""
+        return [row[m].tolist() for row, m in zip(self.ids, self.mask)]
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTBatch:
-  """tokens int32[b, L] right-padded prompt + target completion + eos; loss_mask bool[b, L] True
-  on completion tokens (the eos included): train on logits[:, :-1] vs tokens[:, 1:] weighted by
-  loss_mask[:, 1:]; mask bool[b, L] True on all real tokens."""
-  tokens: np.ndarray
-  loss_mask: np.ndarray
-  mask: np.ndarray
-  examples: list[Example]
-  epoch: int
+    """tokens int32[b, L] right-padded prompt + target completion + eos; loss_mask bool[b, L] True
+    on completion tokens (the eos included): train on logits[:, :-1] vs tokens[:, 1:] weighted by
+    loss_mask[:, 1:]; mask bool[b, L] True on all real tokens."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    mask: np.ndarray
+    examples: list[Example]
+    epoch: int
 
 
 def _bucket_length(length: int, buckets: Sequence[int]) -> int:
-  for bucket in buckets:
-    if length <= bucket:
-      return bucket
-  raise ValueError(f"sequence of {length} tokens is longer than the largest bucket {buckets[-1]}")
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"sequence of {length} tokens is longer than the largest bucket {buckets[-1]}")
 
 
 class BatchIterator:
-  """Deterministic, host-sharded, checkpointable iterator of batches over one task split."""
+    """Deterministic, host-sharded, checkpointable iterator of batches over one task split."""
 
-  def __init__(self, examples: Sequence[Example], build: Callable[[list[int], int], object], *,
-               batch_size: int, seed: int, shuffle: bool, num_epochs: int | None,
-               process_index: int, process_count: int, description: dict):
-    if batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} (global) is not divisible by the "
-                       f"{process_count} hosts.")
-    if len(examples) < batch_size:
-      raise ValueError(f"{description}: {len(examples)} usable examples, fewer than one batch "
-                       f"of {batch_size}.")
-    self.local_batch_size = batch_size // process_count
-    self._examples = examples
-    self._build = build
-    self._rows = slice(process_index * self.local_batch_size,
-                       (process_index + 1) * self.local_batch_size)
-    dataset = grain.MapDataset.range(len(examples))
-    if shuffle:
-      dataset = dataset.shuffle(seed=seed)
-    dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=True)
-    self._batch_size = batch_size
-    # indices only: no reader threads or prefetch needed
-    self._iterator = iter(dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
-    self._check = {**description, "num_examples": len(examples), "batch_size": batch_size,
-                   "seed": seed, "shuffle": shuffle}
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        build: Callable[[list[int], int], object],
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        num_epochs: int | None,
+        process_index: int,
+        process_count: int,
+        description: dict,
+    ):
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size {batch_size} (global) is not divisible by the " f"{process_count} hosts."
+            )
+        if len(examples) < batch_size:
+            raise ValueError(
+                f"{description}: {len(examples)} usable examples, fewer than one batch " f"of {batch_size}."
+            )
+        self.local_batch_size = batch_size // process_count
+        self._examples = examples
+        self._build = build
+        self._rows = slice(process_index * self.local_batch_size, (process_index + 1) * self.local_batch_size)
+        dataset = grain.MapDataset.range(len(examples))
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed)
+        dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+        self._batch_size = batch_size
+        # indices only: no reader threads or prefetch needed
+        self._iterator = iter(
+            dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        )
+        self._check = {
+            **description,
+            "num_examples": len(examples),
+            "batch_size": batch_size,
+            "seed": seed,
+            "shuffle": shuffle,
+        }
 
-  def __iter__(self):
-    return self
+    def __iter__(self):
+        return self
 
-  def __next__(self):
-    step = self._iterator.get_state()["next_index"]
-    indices = next(self._iterator)
-    local = [int(i) for i in indices[self._rows]]
-    return self._build(local, step * self._batch_size // len(self._examples))
+    def __next__(self):
+        step = self._iterator.get_state()["next_index"]
+        indices = next(self._iterator)
+        local = [int(i) for i in indices[self._rows]]
+        return self._build(local, step * self._batch_size // len(self._examples))
 
-  def get_state(self) -> dict:
-    return {"grain": dict(self._iterator.get_state()), **self._check}
+    def get_state(self) -> dict:
+        return {"grain": dict(self._iterator.get_state()), **self._check}
 
-  def set_state(self, state: dict) -> None:
-    mismatched = {k: (state.get(k), v) for k, v in self._check.items() if state.get(k) != v}
-    if mismatched:
-      raise ValueError(f"Data iterator state does not match this pipeline (saved, current): "
-                       f"{mismatched}; resume with the same task, split, batch size and seed.")
-    self._iterator.set_state(state["grain"])
+    def set_state(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._check.items() if state.get(k) != v}
+        if mismatched:
+            raise ValueError(
+                f"Data iterator state does not match this pipeline (saved, current): "
+                f"{mismatched}; resume with the same task, split, batch size and seed."
+            )
+        self._iterator.set_state(state["grain"])
 
 
 def _usable(task: Task, split: str, max_len: int | None, encode, length=len) -> tuple[list, list]:
-  """(examples, encodings) of the split whose encoding is at most max_len tokens long."""
-  examples, encoded = [], []
-  for example in task.examples(split):
-    item = encode(example)
-    if max_len is None or length(item) <= max_len:
-      examples.append(example)
-      encoded.append(item)
-  dropped = len(task.examples(split)) - len(examples)
-  if dropped:
-    logging.warning("%s/%s: dropped %d of %d examples longer than %d tokens.", task.name, split,
-                    dropped, len(task.examples(split)), max_len)
-  return examples, encoded
+    """(examples, encodings) of the split whose encoding is at most max_len tokens long."""
+    examples, encoded = [], []
+    for example in task.examples(split):
+        item = encode(example)
+        if max_len is None or length(item) <= max_len:
+            examples.append(example)
+            encoded.append(item)
+    dropped = len(task.examples(split)) - len(examples)
+    if dropped:
+        logging.warning(
+            "%s/%s: dropped %d of %d examples longer than %d tokens.",
+            task.name,
+            split,
+            dropped,
+            len(task.examples(split)),
+            max_len,
+        )
+    return examples, encoded
 
 
 def _hosts(process_index, process_count):
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+    return (
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
 
 
 def _pad_id(tokenizer, pad_id):
-  if pad_id is not None:
-    return pad_id
-  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is not None:
+        return pad_id
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def make_prompt_iterator(task: Task, tokenizer, split: str, batch_size: int, seed: int, *,
-                         buckets: Sequence[int] | None = None, max_prompt_len: int | None = None,
-                         shuffle: bool = True, num_epochs: int | None = None,
-                         pad_id: int | None = None, process_index: int | None = None,
-                         process_count: int | None = None) -> BatchIterator:
-  """Batches of left-padded prompts (`PromptBatch`), `batch_size` global, `batch_size /
-  process_count` rows per host. num_epochs=None repeats forever; hosts default to jax's."""
-  process_index, process_count = _hosts(process_index, process_count)
-  examples, ids = _usable(task, split, max_prompt_len, lambda ex: task.prompt_ids(ex, tokenizer))
-  lengths = sorted(buckets) if buckets else [max(map(len, ids), default=1)]
-  pad = _pad_id(tokenizer, pad_id)
+def make_prompt_iterator(
+    task: Task,
+    tokenizer,
+    split: str,
+    batch_size: int,
+    seed: int,
+    *,
+    buckets: Sequence[int] | None = None,
+    max_prompt_len: int | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    pad_id: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
+    """Batches of left-padded prompts (`PromptBatch`), `batch_size` global, `batch_size /
+    process_count` rows per host. num_epochs=None repeats forever; hosts default to jax's."""
+    process_index, process_count = _hosts(process_index, process_count)
+    examples, ids = _usable(task, split, max_prompt_len, lambda ex: task.prompt_ids(ex, tokenizer))
+    lengths = sorted(buckets) if buckets else [max(map(len, ids), default=1)]
+    pad = _pad_id(tokenizer, pad_id)
 
-  def build(local: list[int], epoch: int) -> PromptBatch:
-    rows = [ids[i] for i in local]
-    width = _bucket_length(max(map(len, rows)), lengths)
-    out = np.full((len(rows), width), pad, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for r, tokens in enumerate(rows):
-      out[r, width - len(tokens):] = tokens
-      mask[r, width - len(tokens):] = True
-    return PromptBatch(out, mask, [examples[i] for i in local], epoch)
+    def build(local: list[int], epoch: int) -> PromptBatch:
+        rows = [ids[i] for i in local]
+        width = _bucket_length(max(map(len, rows)), lengths)
+        out = np.full((len(rows), width), pad, np.int32)
+        mask = np.zeros((len(rows), width), bool)
+        for r, tokens in enumerate(rows):
+            out[r, width - len(tokens) :] = tokens
+            mask[r, width - len(tokens) :] = True
+        return PromptBatch(out, mask, [examples[i] for i in local], epoch)
 
-  return BatchIterator(examples, build, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                       num_epochs=num_epochs, process_index=process_index,
-                       process_count=process_count,
-                       description={"task": task.name, "split": split, "kind": "prompts"})
+    return BatchIterator(
+        examples,
+        build,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        description={"task": task.name, "split": split, "kind": "prompts"},
+    )
 
 
-def make_sft_iterator(task: Task, tokenizer, split: str, batch_size: int, seed: int, *,
-                      buckets: Sequence[int] | None = None, max_len: int | None = None,
-                      shuffle: bool = True, num_epochs: int | None = None,
-                      pad_id: int | None = None, process_index: int | None = None,
-                      process_count: int | None = None) -> BatchIterator:
-  """Batches of prompt + `Example.solution` + eos (`SFTBatch`) for supervised warm starts (e.g.
-  the toy SFT on answers); same ordering, sharding and state as `make_prompt_iterator`."""
-  process_index, process_count = _hosts(process_index, process_count)
-  if tokenizer.eos_token_id is None:
-    raise ValueError("make_sft_iterator: the tokenizer has no eos token to end the targets.")
+def make_sft_iterator(
+    task: Task,
+    tokenizer,
+    split: str,
+    batch_size: int,
+    seed: int,
+    *,
+    buckets: Sequence[int] | None = None,
+    max_len: int | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    pad_id: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
+    """Batches of prompt + `Example.solution` + eos (`SFTBatch`) for supervised warm starts (e.g.
+    the toy SFT on answers); same ordering, sharding and state as `make_prompt_iterator`."""
+    process_index, process_count = _hosts(process_index, process_count)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("make_sft_iterator: the tokenizer has no eos token to end the targets.")
 
-  def encode(example: Example) -> tuple[list[int], list[int]]:
-    if example.solution is None:
-      raise ValueError(f"{task.name}/{split} example {example.id} has no solution to train on.")
-    prompt = task.prompt_ids(example, tokenizer)
-    target = tokenizer.encode(example.solution, add_special_tokens=False)
-    return (prompt, target + [tokenizer.eos_token_id])
+    def encode(example: Example) -> tuple[list[int], list[int]]:
+        if example.solution is None:
+            raise ValueError(f"{task.name}/{split} example {example.id} has no solution to train on.")
+        prompt = task.prompt_ids(example, tokenizer)
+        target = tokenizer.encode(example.solution, add_special_tokens=False)
+        return (prompt, target + [tokenizer.eos_token_id])
 
-  examples, pairs = _usable(task, split, max_len, encode, lambda pair: len(pair[0]) + len(pair[1]))
-  lengths = sorted(buckets) if buckets else [max(len(p) + len(t) for p, t in pairs)]
-  pad = _pad_id(tokenizer, pad_id)
+    examples, pairs = _usable(task, split, max_len, encode, lambda pair: len(pair[0]) + len(pair[1]))
+    lengths = sorted(buckets) if buckets else [max(len(p) + len(t) for p, t in pairs)]
+    pad = _pad_id(tokenizer, pad_id)
 
-  def build(local: list[int], epoch: int) -> SFTBatch:
-    rows = [pairs[i] for i in local]
-    width = _bucket_length(max(len(p) + len(t) for p, t in rows), lengths)
-    tokens = np.full((len(rows), width), pad, np.int32)
-    loss_mask = np.zeros((len(rows), width), bool)
-    mask = np.zeros((len(rows), width), bool)
-    for r, (prompt, target) in enumerate(rows):
-      tokens[r, :len(prompt) + len(target)] = prompt + target
-      mask[r, :len(prompt) + len(target)] = True
-      loss_mask[r, len(prompt):len(prompt) + len(target)] = True
-    return SFTBatch(tokens, loss_mask, mask, [examples[i] for i in local], epoch)
+    def build(local: list[int], epoch: int) -> SFTBatch:
+        rows = [pairs[i] for i in local]
+        width = _bucket_length(max(len(p) + len(t) for p, t in rows), lengths)
+        tokens = np.full((len(rows), width), pad, np.int32)
+        loss_mask = np.zeros((len(rows), width), bool)
+        mask = np.zeros((len(rows), width), bool)
+        for r, (prompt, target) in enumerate(rows):
+            tokens[r, : len(prompt) + len(target)] = prompt + target
+            mask[r, : len(prompt) + len(target)] = True
+            loss_mask[r, len(prompt) : len(prompt) + len(target)] = True
+        return SFTBatch(tokens, loss_mask, mask, [examples[i] for i in local], epoch)
 
-  return BatchIterator(examples, build, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                       num_epochs=num_epochs, process_index=process_index,
-                       process_count=process_count,
-                       description={"task": task.name, "split": split, "kind": "sft"})
+    return BatchIterator(
+        examples,
+        build,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        description={"task": task.name, "split": split, "kind": "sft"},
+    )

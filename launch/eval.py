@@ -12,6 +12,7 @@ eval.batch_size / eval.max_new_tokens defaults and the seed. Writes results.json
 passk.png and samples.jsonl to --outdir. Defaults follow the papers: n=16, T=0.7, top-p 0.8,
 top-k 20.
 """
+
 import json
 import os
 
@@ -43,83 +44,99 @@ FLAGS = flags.FLAGS
 
 
 def _from_config(path: str, default=None):
-  config = _CONFIG.value
-  node = config
-  for key in path.split("."):
-    if node is None or key not in node:
-      return default
-    node = node[key]
-  return node
+    config = _CONFIG.value
+    node = config
+    for key in path.split("."):
+        if node is None or key not in node:
+            return default
+        node = node[key]
+    return node
 
 
 def _tokenizer(model_dir: str):
-  from bridge import models
-  spec = FLAGS.tokenizer or (None if _has_tokenizer(model_dir) else _from_config("tokenizer"))
-  if not spec:
-    if not _has_tokenizer(model_dir):
-      raise FileNotFoundError(f"No tokenizer in {model_dir}; pass --tokenizer or a --config with one.")
-    return models.load_tokenizer(model_dir)
-  return models.char_tokenizer(spec[5:]) if spec.startswith("char:") else models.load_tokenizer(spec)
+    from bridge import models
+
+    spec = FLAGS.tokenizer or (None if _has_tokenizer(model_dir) else _from_config("tokenizer"))
+    if not spec:
+        if not _has_tokenizer(model_dir):
+            raise FileNotFoundError(f"No tokenizer in {model_dir}; pass --tokenizer or a --config with one.")
+        return models.load_tokenizer(model_dir)
+    return models.char_tokenizer(spec[5:]) if spec.startswith("char:") else models.load_tokenizer(spec)
 
 
 def _has_tokenizer(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "tokenizer.json"))
+    return os.path.exists(os.path.join(path, "tokenizer.json"))
 
 
 def _task():
-  from bridge import tasks
-  name = FLAGS.task or _from_config("task.name")
-  if not name:
-    raise ValueError("No task: pass --task=<name> or a --config with task.name.")
-  if FLAGS.task_options is not None:
-    options = json.loads(FLAGS.task_options)
-  elif FLAGS.task is None or FLAGS.task == _from_config("task.name"):
-    options = _from_config("task.options")
-    options = options.to_dict() if options is not None else {}
-  else:
-    options = {}
-  return tasks.get_task(name, **options)
+    from bridge import tasks
+
+    name = FLAGS.task or _from_config("task.name")
+    if not name:
+        raise ValueError("No task: pass --task=<name> or a --config with task.name.")
+    if FLAGS.task_options is not None:
+        options = json.loads(FLAGS.task_options)
+    elif FLAGS.task is None or FLAGS.task == _from_config("task.name"):
+        options = _from_config("task.options")
+        options = options.to_dict() if options is not None else {}
+    else:
+        options = {}
+    return tasks.get_task(name, **options)
 
 
 def run() -> dict:
-  from bridge import models
-  from bridge.evaluation import report, runner
+    from bridge import models
+    from bridge.evaluation import report, runner
 
-  model_dir = FLAGS.checkpoint or FLAGS.hf_dir
-  if not model_dir or not FLAGS.outdir:
-    raise ValueError("Pass --checkpoint=<model folder> (or --hf_dir) and --outdir.")
-  if not os.path.exists(os.path.join(model_dir, "config.json")):
-    raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); pass the HF "
-                            "folder a stage exported, e.g. <workdir>/models/<stage>.")
-  dtype = _from_config("dtype", "float32")
-  model = models.load_hf(model_dir, dtype=dtype)
-  reference = models.load_hf(FLAGS.reference, dtype=dtype) if FLAGS.reference else None
-  tokenizer = _tokenizer(model_dir)
-  if reference is not None:
-    models.check_same_vocabulary(tokenizer, _tokenizer(FLAGS.reference), "reference")
-  task = _task()
-  seed = FLAGS.seed if FLAGS.seed is not None else int(_from_config("seed", 0))
-  results = runner.evaluate(
-      model, tokenizer, task, n=FLAGS.n, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-      top_k=FLAGS.top_k, max_new_tokens=FLAGS.max_new_tokens or _from_config("eval.max_new_tokens"),
-      split=FLAGS.split, limit=FLAGS.limit or _from_config("eval.num_prompts"), seed=seed,
-      reference_model=reference, batch_size=FLAGS.batch_size or _from_config("eval.batch_size", 64),
-      progress=FLAGS.progress)
-  results.update(method=FLAGS.method or os.path.basename(os.path.normpath(model_dir)),
-                 model=os.path.abspath(model_dir),
-                 reference=os.path.abspath(FLAGS.reference) if FLAGS.reference else None)
-  paths = report.write_results(results, FLAGS.outdir)
-  print(report.results_markdown(results))
-  print("wrote " + ", ".join(paths.values()))
-  return results
+    model_dir = FLAGS.checkpoint or FLAGS.hf_dir
+    if not model_dir or not FLAGS.outdir:
+        raise ValueError("Pass --checkpoint=<model folder> (or --hf_dir) and --outdir.")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(
+            f"{model_dir} is not a model folder (no config.json); pass the HF "
+            "folder a stage exported, e.g. <workdir>/models/<stage>."
+        )
+    dtype = _from_config("dtype", "float32")
+    model = models.load_hf(model_dir, dtype=dtype)
+    reference = models.load_hf(FLAGS.reference, dtype=dtype) if FLAGS.reference else None
+    tokenizer = _tokenizer(model_dir)
+    if reference is not None:
+        models.check_same_vocabulary(tokenizer, _tokenizer(FLAGS.reference), "reference")
+    task = _task()
+    seed = FLAGS.seed if FLAGS.seed is not None else int(_from_config("seed", 0))
+    results = runner.evaluate(
+        model,
+        tokenizer,
+        task,
+        n=FLAGS.n,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k,
+        max_new_tokens=FLAGS.max_new_tokens or _from_config("eval.max_new_tokens"),
+        split=FLAGS.split,
+        limit=FLAGS.limit or _from_config("eval.num_prompts"),
+        seed=seed,
+        reference_model=reference,
+        batch_size=FLAGS.batch_size or _from_config("eval.batch_size", 64),
+        progress=FLAGS.progress,
+    )
+    results.update(
+        method=FLAGS.method or os.path.basename(os.path.normpath(model_dir)),
+        model=os.path.abspath(model_dir),
+        reference=os.path.abspath(FLAGS.reference) if FLAGS.reference else None,
+    )
+    paths = report.write_results(results, FLAGS.outdir)
+    print(report.results_markdown(results))
+    print("wrote " + ", ".join(paths.values()))
+    return results
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}")
-  with cli.user_errors():
-    run()
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}")
+    with cli.user_errors():
+        run()
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -8,6 +8,7 @@ Per completion y of prompt x (sampled with the given temperature / top-p / top-k
                 the Monte-Carlo sequence-level KL(pi || pi_ref) estimate over the sampled y)
 maj@k votes over answers canonicalized by `bridge.tasks.math.normalize_answer`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,115 +26,174 @@ from bridge.tasks.math import normalize_answer
 
 
 def powers_of_two(n: int) -> list[int]:
-  """k in {1, 2, 4, ..., n} (n itself included when it is not a power of two)."""
-  ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
-  return ks + ([n] if ks[-1] != n else [])
+    """k in {1, 2, 4, ..., n} (n itself included when it is not a power of two)."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks + ([n] if ks[-1] != n else [])
 
 
-def summarize(correct: np.ndarray, answers: list[list], *, lengths: np.ndarray,
-              entropies: np.ndarray | None = None, kls: np.ndarray | None = None,
-              format_ok: np.ndarray | None = None, truncated: np.ndarray | None = None) -> dict:
-  """Flat metrics from per-completion arrays shaped [problems, n]."""
-  correct = np.asarray(correct, np.float64)
-  problems, n = correct.shape
-  metrics = {}
-  for k in powers_of_two(n):
-    metrics[f"avg@{k}"] = float(np.mean(avg_at_k(correct[:, :k])))
-    metrics[f"pass@{k}"] = float(np.mean(pass_at_k(n, (correct > 0.5).sum(-1), k)))
-    metrics[f"maj@{k}"] = float(np.mean(maj_at_k(answers, correct, k)))
-  metrics["mean_response_length"] = float(np.mean(lengths))
-  if entropies is not None:
-    metrics["mean_token_entropy"] = float(np.mean(entropies))
-  if kls is not None:
-    metrics["kl_to_reference"] = float(np.mean(kls))
-  if format_ok is not None:
-    metrics["format_rate"] = float(np.mean(format_ok))
-  if truncated is not None:
-    metrics["truncated_rate"] = float(np.mean(truncated))
-  return metrics
+def summarize(
+    correct: np.ndarray,
+    answers: list[list],
+    *,
+    lengths: np.ndarray,
+    entropies: np.ndarray | None = None,
+    kls: np.ndarray | None = None,
+    format_ok: np.ndarray | None = None,
+    truncated: np.ndarray | None = None,
+) -> dict:
+    """Flat metrics from per-completion arrays shaped [problems, n]."""
+    correct = np.asarray(correct, np.float64)
+    problems, n = correct.shape
+    metrics = {}
+    for k in powers_of_two(n):
+        metrics[f"avg@{k}"] = float(np.mean(avg_at_k(correct[:, :k])))
+        metrics[f"pass@{k}"] = float(np.mean(pass_at_k(n, (correct > 0.5).sum(-1), k)))
+        metrics[f"maj@{k}"] = float(np.mean(maj_at_k(answers, correct, k)))
+    metrics["mean_response_length"] = float(np.mean(lengths))
+    if entropies is not None:
+        metrics["mean_token_entropy"] = float(np.mean(entropies))
+    if kls is not None:
+        metrics["kl_to_reference"] = float(np.mean(kls))
+    if format_ok is not None:
+        metrics["format_rate"] = float(np.mean(format_ok))
+    if truncated is not None:
+        metrics["truncated_rate"] = float(np.mean(truncated))
+    return metrics
 
 
 @functools.lru_cache(maxsize=8)
 def _scorer(graphdef):
-  @jax.jit
-  def score(state, prompt_tokens, prompt_mask, tokens, mask):
-    model = nnx.merge(graphdef, state)
-    batch = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens)
-    logp, entropy = scoring.completion_logprobs(model, batch, return_entropy=True)
-    return jnp.where(mask, logp, 0.0), jnp.where(mask, entropy, 0.0)
-  return score
+    @jax.jit
+    def score(state, prompt_tokens, prompt_mask, tokens, mask):
+        model = nnx.merge(graphdef, state)
+        batch = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens)
+        logp, entropy = scoring.completion_logprobs(model, batch, return_entropy=True)
+        return jnp.where(mask, logp, 0.0), jnp.where(mask, entropy, 0.0)
+
+    return score
 
 
 def completion_scores(model, out) -> tuple[np.ndarray, np.ndarray]:
-  """(per-token logprobs, entropies) float32[R, N] of the sampled completions under `model`."""
-  graphdef, state = nnx.split(model)
-  logp, entropy = _scorer(graphdef)(state, out.prompt_tokens, out.prompt_mask, out.tokens,
-                                    out.mask)
-  return np.asarray(logp), np.asarray(entropy)
+    """(per-token logprobs, entropies) float32[R, N] of the sampled completions under `model`."""
+    graphdef, state = nnx.split(model)
+    logp, entropy = _scorer(graphdef)(state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
+    return np.asarray(logp), np.asarray(entropy)
 
 
-def evaluate(model, tokenizer, task, *, n: int = 16, temperature: float = 0.7, top_p: float = 0.8,
-             top_k: int = 20, max_new_tokens: int | None = None, split: str = "test",
-             limit: int | None = None, seed: int = 0, reference_model=None,
-             batch_size: int = 64, eos_ids=None, mesh=None, rules=None,
-             progress: bool = True) -> dict:
-  """Samples n completions per problem of `task.examples(split)[:limit]` and scores them.
+def evaluate(
+    model,
+    tokenizer,
+    task,
+    *,
+    n: int = 16,
+    temperature: float = 0.7,
+    top_p: float = 0.8,
+    top_k: int = 20,
+    max_new_tokens: int | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    reference_model=None,
+    batch_size: int = 64,
+    eos_ids=None,
+    mesh=None,
+    rules=None,
+    progress: bool = True,
+) -> dict:
+    """Samples n completions per problem of `task.examples(split)[:limit]` and scores them.
 
-  Returns the results dict described in `bridge.evaluation.report` (metrics, per-completion
-  samples). `batch_size` prompts go to one `sampling.generate` call (batch_size * n rows);
-  max_new_tokens defaults to task.max_answer_tokens; eos_ids default to the tokenizer's.
-  """
-  examples = list(task.examples(split))[:limit]
-  if not examples:
-    raise ValueError(f"evaluate: task {task.name!r} split {split!r} has no examples.")
-  max_new_tokens = int(max_new_tokens or task.max_answer_tokens)
-  eos = tuple(eos_ids) if eos_ids is not None else tokenizer_eos_ids(tokenizer)
-  pad = tokenizer_pad_id(tokenizer)
-  correct, answers, lengths, entropies, kls, format_ok, truncated, samples = ([] for _ in range(8))
-  bar = tqdm(total=len(examples), desc=f"eval {task.name}", unit="prompt", disable=not progress)
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    prompts = [task.prompt_ids(example, tokenizer) for example in chunk]
-    out = sampling.generate(model, prompts, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos,
-                            pad_id=pad, n=n, seed=seed + start, mesh=mesh, rules=rules)
-    logp, entropy = completion_scores(model, out)
-    ref_logp = completion_scores(reference_model, out)[0] if reference_model is not None else None
-    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-    finish = np.asarray(out.finish_reason)
-    for b, example in enumerate(chunk):
-      row_correct, row_answers = [], []
-      for j in range(n):
-        r = b * n + j
-        ids = [int(t) for t, m in zip(tokens[r], mask[r]) if m and int(t) not in eos]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        cut = bool(finish[r] == sampling.FINISH_LENGTH)
-        result = task.reward(text, example, truncated=cut)
-        length = int(mask[r].sum())
-        row_correct.append(result.score)
-        row_answers.append(None if result.extracted_answer is None
-                           else normalize_answer(result.extracted_answer))
-        lengths.append(length)
-        entropies.append(float(entropy[r].sum() / max(length, 1)))
-        if ref_logp is not None:
-          kls.append(float(logp[r].sum() - ref_logp[r].sum()))
-        format_ok.append(result.format_ok)
-        truncated.append(cut)
-        samples.append({"id": example.id, "sample": j,
-                        "prompt": task.prompt_text(example) if not task.chat else
-                        task.messages(example), "completion": text,
-                        "extracted_answer": result.extracted_answer, "answer": example.answer,
-                        "score": result.score, "format_ok": result.format_ok,
-                        "truncated": cut, "length": length})
-      correct.append(row_correct)
-      answers.append(row_answers)
-    bar.update(len(chunk))
-  bar.close()
-  metrics = summarize(np.asarray(correct), answers, lengths=np.asarray(lengths),
-                      entropies=np.asarray(entropies), kls=np.asarray(kls) if kls else None,
-                      format_ok=np.asarray(format_ok), truncated=np.asarray(truncated))
-  return {"task": task.name, "split": split, "num_problems": len(examples), "n": n,
-          "ks": powers_of_two(n), "seed": seed,
-          "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                       "max_new_tokens": max_new_tokens},
-          "metrics": metrics, "samples": samples}
+    Returns the results dict described in `bridge.evaluation.report` (metrics, per-completion
+    samples). `batch_size` prompts go to one `sampling.generate` call (batch_size * n rows);
+    max_new_tokens defaults to task.max_answer_tokens; eos_ids default to the tokenizer's.
+    """
+    examples = list(task.examples(split))[:limit]
+    if not examples:
+        raise ValueError(f"evaluate: task {task.name!r} split {split!r} has no examples.")
+    max_new_tokens = int(max_new_tokens or task.max_answer_tokens)
+    eos = tuple(eos_ids) if eos_ids is not None else tokenizer_eos_ids(tokenizer)
+    pad = tokenizer_pad_id(tokenizer)
+    correct, answers, lengths, entropies, kls, format_ok, truncated, samples = ([] for _ in range(8))
+    bar = tqdm(total=len(examples), desc=f"eval {task.name}", unit="prompt", disable=not progress)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [task.prompt_ids(example, tokenizer) for example in chunk]
+        out = sampling.generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_ids=eos,
+            pad_id=pad,
+            n=n,
+            seed=seed + start,
+            mesh=mesh,
+            rules=rules,
+        )
+        logp, entropy = completion_scores(model, out)
+        ref_logp = completion_scores(reference_model, out)[0] if reference_model is not None else None
+        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        finish = np.asarray(out.finish_reason)
+        for b, example in enumerate(chunk):
+            row_correct, row_answers = [], []
+            for j in range(n):
+                r = b * n + j
+                ids = [int(t) for t, m in zip(tokens[r], mask[r]) if m and int(t) not in eos]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                cut = bool(finish[r] == sampling.FINISH_LENGTH)
+                result = task.reward(text, example, truncated=cut)
+                length = int(mask[r].sum())
+                row_correct.append(result.score)
+                row_answers.append(
+                    None if result.extracted_answer is None else normalize_answer(result.extracted_answer)
+                )
+                lengths.append(length)
+                entropies.append(float(entropy[r].sum() / max(length, 1)))
+                if ref_logp is not None:
+                    kls.append(float(logp[r].sum() - ref_logp[r].sum()))
+                format_ok.append(result.format_ok)
+                truncated.append(cut)
+                samples.append(
+                    {
+                        "id": example.id,
+                        "sample": j,
+                        "prompt": task.prompt_text(example) if not task.chat else task.messages(example),
+                        "completion": text,
+                        "extracted_answer": result.extracted_answer,
+                        "answer": example.answer,
+                        "score": result.score,
+                        "format_ok": result.format_ok,
+                        "truncated": cut,
+                        "length": length,
+                    }
+                )
+            correct.append(row_correct)
+            answers.append(row_answers)
+        bar.update(len(chunk))
+    bar.close()
+    metrics = summarize(
+        np.asarray(correct),
+        answers,
+        lengths=np.asarray(lengths),
+        entropies=np.asarray(entropies),
+        kls=np.asarray(kls) if kls else None,
+        format_ok=np.asarray(format_ok),
+        truncated=np.asarray(truncated),
+    )
+    return {
+        "task": task.name,
+        "split": split,
+        "num_problems": len(examples),
+        "n": n,
+        "ks": powers_of_two(n),
+        "seed": seed,
+        "sampling": {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "max_new_tokens": max_new_tokens,
+        },
+        "metrics": metrics,
+        "samples": samples,
+    }

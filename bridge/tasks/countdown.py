@@ -11,6 +11,7 @@ expression combining all of them (each intermediate a positive integer), redrawn
 num_numbers (search width) and the target range. Test problems are drawn first; train skips any
 test problem (same multiset of numbers and target), so the splits are disjoint.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,155 +25,189 @@ from bridge.tasks.base import Example, RewardResult, Task
 
 ALPHABET = "0123456789+-*/()=,>:"
 MAX_EXPRESSION_CHARS = 256
-_CHAT_PROMPT = ("Using the numbers {numbers}, write an arithmetic expression that equals {target}. "
-                "Use + - * / and parentheses, each number at most once. "
-                "Put the final expression in \\boxed{{}}.")
+_CHAT_PROMPT = (
+    "Using the numbers {numbers}, write an arithmetic expression that equals {target}. "
+    "Use + - * / and parentheses, each number at most once. "
+    "Put the final expression in \\boxed{{}}."
+)
 
 
 def _combine(rng: np.random.Generator, numbers: list[int]) -> tuple[int, str] | None:
-  """A random expression over all `numbers` with positive integer intermediates (or None)."""
-  items = [(n, str(n)) for n in numbers]
-  while len(items) > 1:
-    i, j = rng.choice(len(items), size=2, replace=False)
-    (x, ex), (y, ey) = items[i], items[j]
-    if x < y:
-      (x, ex), (y, ey) = (y, ey), (x, ex)
-    candidates = [(x + y, f"({ex}+{ey})"), (x * y, f"{ex}*{ey}")]
-    if x > y:
-      candidates.append((x - y, f"({ex}-{ey})"))
-    if x % y == 0 and y > 1:
-      candidates.append((x // y, f"{ex}/{ey}" if ey.isdigit() else f"{ex}/({ey})"))
-    value, text = candidates[rng.integers(len(candidates))]
-    items = [item for k, item in enumerate(items) if k not in (i, j)] + [(value, text)]
-  value, text = items[0]
-  return value, _strip_outer_parens(text)
+    """A random expression over all `numbers` with positive integer intermediates (or None)."""
+    items = [(n, str(n)) for n in numbers]
+    while len(items) > 1:
+        i, j = rng.choice(len(items), size=2, replace=False)
+        (x, ex), (y, ey) = items[i], items[j]
+        if x < y:
+            (x, ex), (y, ey) = (y, ey), (x, ex)
+        candidates = [(x + y, f"({ex}+{ey})"), (x * y, f"{ex}*{ey}")]
+        if x > y:
+            candidates.append((x - y, f"({ex}-{ey})"))
+        if x % y == 0 and y > 1:
+            candidates.append((x // y, f"{ex}/{ey}" if ey.isdigit() else f"{ex}/({ey})"))
+        value, text = candidates[rng.integers(len(candidates))]
+        items = [item for k, item in enumerate(items) if k not in (i, j)] + [(value, text)]
+    value, text = items[0]
+    return value, _strip_outer_parens(text)
 
 
 def _strip_outer_parens(text: str) -> str:
-  if text.startswith("(") and text.endswith(")"):
-    depth = 0
-    for k, ch in enumerate(text):
-      depth += {"(": 1, ")": -1}.get(ch, 0)
-      if depth == 0 and k < len(text) - 1:
-        return text
-    return text[1:-1]
-  return text
+    if text.startswith("(") and text.endswith(")"):
+        depth = 0
+        for k, ch in enumerate(text):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0 and k < len(text) - 1:
+                return text
+        return text[1:-1]
+    return text
 
 
-def make_examples(split: str, *, num_numbers: int, max_number: int, target_min: int,
-                  target_max: int, num_train: int, num_test: int, seed: int, chat: bool
-                  ) -> list[Example]:
-  def draw(rng, count, exclude):
-    problems, seen, attempts = [], set(exclude), 0
-    while len(problems) < count:
-      attempts += 1
-      if attempts > 200 * (count + 10):
-        raise ValueError(
-            f"countdown: could not draw {count} distinct problems with num_numbers={num_numbers}, "
-            f"max_number={max_number}, targets in [{target_min}, {target_max}]; widen the ranges.")
-      numbers = rng.integers(1, max_number + 1, size=num_numbers).tolist()
-      target, expression = _combine(rng, numbers)
-      key = (tuple(sorted(numbers)), target)
-      if target_min <= target <= target_max and key not in seen:
-        seen.add(key)
-        problems.append((numbers, target, expression))
-    return problems
+def make_examples(
+    split: str,
+    *,
+    num_numbers: int,
+    max_number: int,
+    target_min: int,
+    target_max: int,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    chat: bool,
+) -> list[Example]:
+    def draw(rng, count, exclude):
+        problems, seen, attempts = [], set(exclude), 0
+        while len(problems) < count:
+            attempts += 1
+            if attempts > 200 * (count + 10):
+                raise ValueError(
+                    f"countdown: could not draw {count} distinct problems with num_numbers={num_numbers}, "
+                    f"max_number={max_number}, targets in [{target_min}, {target_max}]; widen the ranges."
+                )
+            numbers = rng.integers(1, max_number + 1, size=num_numbers).tolist()
+            target, expression = _combine(rng, numbers)
+            key = (tuple(sorted(numbers)), target)
+            if target_min <= target <= target_max and key not in seen:
+                seen.add(key)
+                problems.append((numbers, target, expression))
+        return problems
 
-  test = draw(np.random.default_rng([seed, 0]), num_test, set())
-  if split == "test":
-    problems = test
-  else:
-    test_keys = {(tuple(sorted(n)), t) for n, t, _ in test}
-    problems = draw(np.random.default_rng([seed, 1]), num_train, test_keys)
-  examples = []
-  for index, (numbers, target, expression) in enumerate(problems):
-    if chat:
-      prompt = _CHAT_PROMPT.format(numbers=numbers, target=target)
+    test = draw(np.random.default_rng([seed, 0]), num_test, set())
+    if split == "test":
+        problems = test
     else:
-      prompt = f"{','.join(map(str, numbers))}->{target}:"
-    examples.append(Example(id=f"{split}/{index:06d}", prompt=prompt, answer=str(target),
-                            solution=expression, meta={"numbers": numbers, "target": target}))
-  return examples
+        test_keys = {(tuple(sorted(n)), t) for n, t, _ in test}
+        problems = draw(np.random.default_rng([seed, 1]), num_train, test_keys)
+    examples = []
+    for index, (numbers, target, expression) in enumerate(problems):
+        if chat:
+            prompt = _CHAT_PROMPT.format(numbers=numbers, target=target)
+        else:
+            prompt = f"{','.join(map(str, numbers))}->{target}:"
+        examples.append(
+            Example(
+                id=f"{split}/{index:06d}",
+                prompt=prompt,
+                answer=str(target),
+                solution=expression,
+                meta={"numbers": numbers, "target": target},
+            )
+        )
+    return examples
 
 
 def _evaluate(node: ast.AST) -> fractions.Fraction:
-  if isinstance(node, ast.Expression):
-    return _evaluate(node.body)
-  if isinstance(node, ast.Constant) and type(node.value) is int:
-    return fractions.Fraction(node.value)
-  if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-    left, right = _evaluate(node.left), _evaluate(node.right)
-    if isinstance(node.op, ast.Add):
-      return left + right
-    if isinstance(node.op, ast.Sub):
-      return left - right
-    if isinstance(node.op, ast.Mult):
-      return left * right
-    if right == 0:
-      raise ZeroDivisionError
-    return left / right
-  raise ValueError(f"disallowed syntax {type(node).__name__}")
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return fractions.Fraction(node.value)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(node.op, ast.Sub):
+            return left - right
+        if isinstance(node.op, ast.Mult):
+            return left * right
+        if right == 0:
+            raise ZeroDivisionError
+        return left / right
+    raise ValueError(f"disallowed syntax {type(node).__name__}")
 
 
 def parse_expression(text: str) -> ast.Expression | None:
-  """The ast of an expression made only of integer literals, + - * / and parentheses, else None."""
-  if len(text) > MAX_EXPRESSION_CHARS or not re.fullmatch(r"[\d\s+\-*/()]+", text):
-    return None
-  try:
-    tree = ast.parse(text, mode="eval")
-  except (SyntaxError, ValueError, RecursionError, MemoryError):
-    return None
-  for node in ast.walk(tree):
-    if not isinstance(node, (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub,
-                             ast.Mult, ast.Div)):
-      return None
-    if isinstance(node, ast.Constant) and type(node.value) is not int:
-      return None
-  return tree
+    """The ast of an expression made only of integer literals, + - * / and parentheses, else None."""
+    if len(text) > MAX_EXPRESSION_CHARS or not re.fullmatch(r"[\d\s+\-*/()]+", text):
+        return None
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    for node in ast.walk(tree):
+        if not isinstance(
+            node, (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div)
+        ):
+            return None
+        if isinstance(node, ast.Constant) and type(node.value) is not int:
+            return None
+    return tree
 
 
 def extract_expression(completion_text: str) -> str | None:
-  """The last \\boxed{...} or <answer>...</answer> content, else the text; the left side of "="."""
-  text = completion_text
-  boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-  tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
-  if boxed:
-    text = boxed[-1]
-  elif tagged:
-    text = tagged[-1]
-  text = text.split("=")[0].strip()
-  return text or None
+    """The last \\boxed{...} or <answer>...</answer> content, else the text; the left side of "="."""
+    text = completion_text
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
+    if boxed:
+        text = boxed[-1]
+    elif tagged:
+        text = tagged[-1]
+    text = text.split("=")[0].strip()
+    return text or None
 
 
 def countdown_reward(completion_text: str, example: Example) -> RewardResult:
-  expression = extract_expression(completion_text)
-  tree = parse_expression(expression) if expression else None
-  if tree is None:
-    return RewardResult(0.0, False, expression)
-  used = Counter(node.value for node in ast.walk(tree) if isinstance(node, ast.Constant))
-  if used - Counter(example.meta["numbers"]):
-    return RewardResult(0.0, False, expression, {"error": "numbers not available"})
-  try:
-    value = _evaluate(tree)
-  except (ZeroDivisionError, RecursionError):
-    return RewardResult(0.0, True, expression, {"error": "division by zero"})
-  return RewardResult(float(value == example.meta["target"]), True, expression)
+    expression = extract_expression(completion_text)
+    tree = parse_expression(expression) if expression else None
+    if tree is None:
+        return RewardResult(0.0, False, expression)
+    used = Counter(node.value for node in ast.walk(tree) if isinstance(node, ast.Constant))
+    if used - Counter(example.meta["numbers"]):
+        return RewardResult(0.0, False, expression, {"error": "numbers not available"})
+    try:
+        value = _evaluate(tree)
+    except (ZeroDivisionError, RecursionError):
+        return RewardResult(0.0, True, expression, {"error": "division by zero"})
+    return RewardResult(float(value == example.meta["target"]), True, expression)
 
 
-def countdown_task(num_numbers: int = 4, max_number: int = 25, target_min: int = 1,
-                   target_max: int = 100, num_train: int = 2048, num_test: int = 500,
-                   seed: int = 0, chat: bool = False) -> Task:
-  """The "countdown" task (see the module docstring)."""
-  if num_numbers < 2 or max_number < 2 or target_min > target_max:
-    raise ValueError("countdown: need num_numbers >= 2, max_number >= 2, target_min <= target_max.")
-  options = dict(num_numbers=num_numbers, max_number=max_number, target_min=target_min,
-                 target_max=target_max, num_train=num_train, num_test=num_test, seed=seed,
-                 chat=chat)
-  return Task(
-      name="countdown",
-      load_split=lambda split: make_examples(split, **options),
-      reward_fn=countdown_reward,
-      chat=chat,
-      max_answer_tokens=1024 if chat else 8 * num_numbers,
-      stop_strings=() if chat else ("\n",),
-  )
+def countdown_task(
+    num_numbers: int = 4,
+    max_number: int = 25,
+    target_min: int = 1,
+    target_max: int = 100,
+    num_train: int = 2048,
+    num_test: int = 500,
+    seed: int = 0,
+    chat: bool = False,
+) -> Task:
+    """The "countdown" task (see the module docstring)."""
+    if num_numbers < 2 or max_number < 2 or target_min > target_max:
+        raise ValueError("countdown: need num_numbers >= 2, max_number >= 2, target_min <= target_max.")
+    options = dict(
+        num_numbers=num_numbers,
+        max_number=max_number,
+        target_min=target_min,
+        target_max=target_max,
+        num_train=num_train,
+        num_test=num_test,
+        seed=seed,
+        chat=chat,
+    )
+    return Task(
+        name="countdown",
+        load_split=lambda split: make_examples(split, **options),
+        reward_fn=countdown_reward,
+        chat=chat,
+        max_answer_tokens=1024 if chat else 8 * num_numbers,
+        stop_strings=() if chat else ("\n",),
+    )

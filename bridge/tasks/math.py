@@ -17,6 +17,7 @@ Tasks ("gsm8k", "math", "math500", "aime") read local files or a prepared TFDS b
 (`bridge.tasks.loaders`); prompts append INSTRUCTION; reward 1 when the extracted answer is
 equivalent to the reference; format_ok when an answer was found (\\boxed if `require_boxed`).
 """
+
 from __future__ import annotations
 
 import fractions
@@ -36,187 +37,223 @@ _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
 def _last_boxed(text: str) -> str | None:
-  """Content of the last balanced \\boxed{...} (the last few starts tried, so it stays linear)."""
-  for match in reversed(list(_BOX.finditer(text))[-8:]):
-    depth, start = 1, match.end()
-    for index in range(start, len(text)):
-      depth += {"{": 1, "}": -1}.get(text[index], 0)
-      if depth == 0:
-        return text[start:index].strip()
-  bare = re.findall(r"\\boxed\s+([^\s${}]+)", text)
-  return bare[-1] if bare else None
+    """Content of the last balanced \\boxed{...} (the last few starts tried, so it stays linear)."""
+    for match in reversed(list(_BOX.finditer(text))[-8:]):
+        depth, start = 1, match.end()
+        for index in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            if depth == 0:
+                return text[start:index].strip()
+    bare = re.findall(r"\\boxed\s+([^\s${}]+)", text)
+    return bare[-1] if bare else None
 
 
 def _clean_tail(answer: str) -> str | None:
-  previous = None
-  while answer != previous:
-    previous, answer = answer, answer.strip().lstrip(":").strip("$").rstrip(".")
-  return answer or None
+    previous = None
+    while answer != previous:
+        previous, answer = answer, answer.strip().lstrip(":").strip("$").rstrip(".")
+    return answer or None
 
 
 def extract_answer(text: str) -> str | None:
-  """The final answer in a completion or reference solution (see the module docstring)."""
-  if not text:
-    return None
-  boxed = _last_boxed(text)
-  if boxed:
-    return boxed
-  if "####" in text:
-    answer = _clean_tail(text.rsplit("####", 1)[1].split("\n")[0])
-    if answer:
-      return answer
-  said = re.split(r"(?i)the (?:final )?answer is", text)
-  if len(said) > 1:
-    answer = _clean_tail(said[-1].split("\n")[0])
-    if answer:
-      return answer
-  numbers = _NUMBER.findall(text)
-  return numbers[-1] if numbers else None
+    """The final answer in a completion or reference solution (see the module docstring)."""
+    if not text:
+        return None
+    boxed = _last_boxed(text)
+    if boxed:
+        return boxed
+    if "####" in text:
+        answer = _clean_tail(text.rsplit("####", 1)[1].split("\n")[0])
+        if answer:
+            return answer
+    said = re.split(r"(?i)the (?:final )?answer is", text)
+    if len(said) > 1:
+        answer = _clean_tail(said[-1].split("\n")[0])
+        if answer:
+            return answer
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
 
 
 def normalize_answer(answer: str) -> str:
-  """A canonical string for fast comparison and majority voting (no sympy)."""
-  s = answer.strip()
-  inner = _last_boxed(s) if s.startswith(("\\boxed", "\\fbox")) else None
-  s = inner if inner is not None else s
-  for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
-                   ("\\ ", ""), ("~", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-                   ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""), ("\\$", ""), ("$", ""),
-                   ("\\displaystyle", "")):
-    s = s.replace(old, new)
-  s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}\s*$", "", s)  # trailing units
-  s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-  s = re.sub(r"\s+", "", s)
-  s = re.sub(r"^[a-zA-Z]=", "", s)
-  s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-  return s.rstrip(".")
+    """A canonical string for fast comparison and majority voting (no sympy)."""
+    s = answer.strip()
+    inner = _last_boxed(s) if s.startswith(("\\boxed", "\\fbox")) else None
+    s = inner if inner is not None else s
+    for old, new in (
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\ ", ""),
+        ("~", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("^\\circ", ""),
+        ("^{\\circ}", ""),
+        ("°", ""),
+        ("\\$", ""),
+        ("$", ""),
+        ("\\displaystyle", ""),
+    ):
+        s = s.replace(old, new)
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}\s*$", "", s)  # trailing units
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"^[a-zA-Z]=", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    return s.rstrip(".")
 
 
 def _as_number(s: str) -> tuple[fractions.Fraction, bool] | None:
-  """(value, had_percent) for plain numbers, a/b, \\frac{a}{b}, n%; None otherwise."""
-  percent = s.endswith("%")
-  s = s[:-2] if s.endswith("\\%") else s.rstrip("%")
-  if not s or len(s) > _MAX_NUMBER_CHARS:
+    """(value, had_percent) for plain numbers, a/b, \\frac{a}{b}, n%; None otherwise."""
+    percent = s.endswith("%")
+    s = s[:-2] if s.endswith("\\%") else s.rstrip("%")
+    if not s or len(s) > _MAX_NUMBER_CHARS:
+        return None
+    if re.fullmatch(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+", s):
+        return fractions.Fraction(s.replace(",", "")), percent
+    frac = re.fullmatch(r"([+-]?)\\frac\{(\d+)\}\{(\d+)\}", s) or re.fullmatch(r"([+-]?)(\d+)/(\d+)", s)
+    if frac and int(frac.group(3)) != 0:
+        value = fractions.Fraction(int(frac.group(2)), int(frac.group(3)))
+        return (-value if frac.group(1) == "-" else value), percent
     return None
-  if re.fullmatch(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+", s):
-    return fractions.Fraction(s.replace(",", "")), percent
-  frac = (re.fullmatch(r"([+-]?)\\frac\{(\d+)\}\{(\d+)\}", s)
-          or re.fullmatch(r"([+-]?)(\d+)/(\d+)", s))
-  if frac and int(frac.group(3)) != 0:
-    value = fractions.Fraction(int(frac.group(2)), int(frac.group(3)))
-    return (-value if frac.group(1) == "-" else value), percent
-  return None
 
 
 @functools.lru_cache(maxsize=65536)
 def _slow_equivalent(predicted: str, reference: str, timeout_s: float) -> bool:
-  return bool(default_pool().check(predicted, reference, timeout_s))
+    return bool(default_pool().check(predicted, reference, timeout_s))
 
 
 def is_equivalent(predicted: str | None, reference: str | None, timeout_s: float = 5.0) -> bool:
-  """True when `predicted` and `reference` denote the same answer; never hangs past timeout_s."""
-  if not predicted or not reference:
-    return False
-  p, r = normalize_answer(predicted), normalize_answer(reference)
-  if not p or not r:
-    return False
-  if p == r:
-    return True
-  pn, rn = _as_number(p), _as_number(r)
-  if pn is not None and rn is not None:
-    (pv, p_percent), (rv, r_percent) = pn, rn
-    if p_percent or r_percent:
-      return pv == rv or pv == rv / 100 or pv / 100 == rv
-    return pv == rv
-  if len(predicted) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
-    return False
-  return _slow_equivalent(predicted.strip().strip("$"), reference.strip().strip("$"),
-                          float(timeout_s))
+    """True when `predicted` and `reference` denote the same answer; never hangs past timeout_s."""
+    if not predicted or not reference:
+        return False
+    p, r = normalize_answer(predicted), normalize_answer(reference)
+    if not p or not r:
+        return False
+    if p == r:
+        return True
+    pn, rn = _as_number(p), _as_number(r)
+    if pn is not None and rn is not None:
+        (pv, p_percent), (rv, r_percent) = pn, rn
+        if p_percent or r_percent:
+            return pv == rv or pv == rv / 100 or pv / 100 == rv
+        return pv == rv
+    if len(predicted) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
+        return False
+    return _slow_equivalent(predicted.strip().strip("$"), reference.strip().strip("$"), float(timeout_s))
 
 
 def make_math_reward(*, timeout_s: float = 5.0, require_boxed: bool = False):
-  def reward(completion_text: str, example: Example) -> RewardResult:
-    answer = extract_answer(completion_text)
-    boxed = _last_boxed(completion_text) is not None
-    format_ok = answer is not None and (boxed or not require_boxed)
-    if answer is None or (require_boxed and not boxed):
-      return RewardResult(0.0, format_ok, answer, {"boxed": boxed})
-    return RewardResult(float(is_equivalent(answer, example.answer, timeout_s)), format_ok,
-                        answer, {"boxed": boxed})
+    def reward(completion_text: str, example: Example) -> RewardResult:
+        answer = extract_answer(completion_text)
+        boxed = _last_boxed(completion_text) is not None
+        format_ok = answer is not None and (boxed or not require_boxed)
+        if answer is None or (require_boxed and not boxed):
+            return RewardResult(0.0, format_ok, answer, {"boxed": boxed})
+        return RewardResult(
+            float(is_equivalent(answer, example.answer, timeout_s)), format_ok, answer, {"boxed": boxed}
+        )
 
-  return reward
+    return reward
 
 
 def _first(record: dict[str, Any], keys: tuple[str, ...], default=None):
-  for key in keys:
-    if key in record and record[key] is not None:
-      return record[key]
-  return default
+    for key in keys:
+        if key in record and record[key] is not None:
+            return record[key]
+    return default
 
 
 def gsm8k_example(record: dict[str, Any], index: int, split: str, instruction: str) -> Example:
-  """GSM8K: {"question", "answer": "steps with <<calc>> notes\\n#### 72"}."""
-  full = str(record["answer"])
-  steps, _, final = full.rpartition("####")
-  answer = final.strip().replace(",", "")
-  solution = re.sub(r"<<[^>]*>>", "", steps).strip() + f"\nThe answer is \\boxed{{{answer}}}."
-  return Example(id=f"{split}/{index:06d}", prompt=f"{record['question'].strip()}\n{instruction}",
-                 answer=answer, solution=solution)
+    """GSM8K: {"question", "answer": "steps with <<calc>> notes\\n#### 72"}."""
+    full = str(record["answer"])
+    steps, _, final = full.rpartition("####")
+    answer = final.strip().replace(",", "")
+    solution = re.sub(r"<<[^>]*>>", "", steps).strip() + f"\nThe answer is \\boxed{{{answer}}}."
+    return Example(
+        id=f"{split}/{index:06d}",
+        prompt=f"{record['question'].strip()}\n{instruction}",
+        answer=answer,
+        solution=solution,
+    )
 
 
 def math_example(record: dict[str, Any], index: int, split: str, instruction: str) -> Example:
-  """MATH / MATH-500 / AIME: {"problem"|"question", "solution"?, "answer"?, id fields?}."""
-  problem = str(_first(record, ("problem", "Problem", "question", "Question")))
-  solution = _first(record, ("solution", "Solution"))
-  answer = _first(record, ("answer", "Answer"))
-  if answer is None and solution is not None:
-    answer = extract_answer(str(solution))
-  if answer is None:
-    raise ValueError(f"record {index} of split {split!r} has neither an answer nor a solution "
-                     f"with a final answer (keys: {sorted(record)}).")
-  record_id = _first(record, ("unique_id", "id", "ID"))
-  return Example(id=f"{split}/{record_id if record_id is not None else f'{index:06d}'}",
-                 prompt=f"{problem.strip()}\n{instruction}", answer=str(answer).strip(),
-                 solution=None if solution is None else str(solution),
-                 meta={k: record[k] for k in ("level", "type", "subject", "year") if k in record})
+    """MATH / MATH-500 / AIME: {"problem"|"question", "solution"?, "answer"?, id fields?}."""
+    problem = str(_first(record, ("problem", "Problem", "question", "Question")))
+    solution = _first(record, ("solution", "Solution"))
+    answer = _first(record, ("answer", "Answer"))
+    if answer is None and solution is not None:
+        answer = extract_answer(str(solution))
+    if answer is None:
+        raise ValueError(
+            f"record {index} of split {split!r} has neither an answer nor a solution "
+            f"with a final answer (keys: {sorted(record)})."
+        )
+    record_id = _first(record, ("unique_id", "id", "ID"))
+    return Example(
+        id=f"{split}/{record_id if record_id is not None else f'{index:06d}'}",
+        prompt=f"{problem.strip()}\n{instruction}",
+        answer=str(answer).strip(),
+        solution=None if solution is None else str(solution),
+        meta={k: record[k] for k in ("level", "type", "subject", "year") if k in record},
+    )
 
 
-def _math_family_task(name: str, to_example, max_answer_tokens: int, *,
-                      train_path: str | None = None, test_path: str | None = None,
-                      tfds_name: str | None = None, tfds_data_dir: str | None = None,
-                      chat: bool = True, system_prompt: str | None = None,
-                      instruction: str = INSTRUCTION, limit: int | None = None,
-                      timeout_s: float = 5.0, require_boxed: bool = False,
-                      max_answer_tokens_override: int | None = None) -> Task:
-  paths = {"train": train_path, "test": test_path}
+def _math_family_task(
+    name: str,
+    to_example,
+    max_answer_tokens: int,
+    *,
+    train_path: str | None = None,
+    test_path: str | None = None,
+    tfds_name: str | None = None,
+    tfds_data_dir: str | None = None,
+    chat: bool = True,
+    system_prompt: str | None = None,
+    instruction: str = INSTRUCTION,
+    limit: int | None = None,
+    timeout_s: float = 5.0,
+    require_boxed: bool = False,
+    max_answer_tokens_override: int | None = None,
+) -> Task:
+    paths = {"train": train_path, "test": test_path}
 
-  def load(split: str) -> list[Example]:
-    records = loaders.load_split_records(split, paths=paths, tfds_name=tfds_name,
-                                         tfds_data_dir=tfds_data_dir, task=name)
-    return [to_example(r, i, split, instruction) for i, r in enumerate(records[:limit])]
+    def load(split: str) -> list[Example]:
+        records = loaders.load_split_records(
+            split, paths=paths, tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, task=name
+        )
+        return [to_example(r, i, split, instruction) for i, r in enumerate(records[:limit])]
 
-  return Task(name=name, load_split=load,
-              reward_fn=make_math_reward(timeout_s=timeout_s, require_boxed=require_boxed),
-              chat=chat, system_prompt=system_prompt,
-              max_answer_tokens=max_answer_tokens_override or max_answer_tokens)
+    return Task(
+        name=name,
+        load_split=load,
+        reward_fn=make_math_reward(timeout_s=timeout_s, require_boxed=require_boxed),
+        chat=chat,
+        system_prompt=system_prompt,
+        max_answer_tokens=max_answer_tokens_override or max_answer_tokens,
+    )
 
 
 def gsm8k_task(**options) -> Task:
-  """GSM8K (Cobbe et al. 2021). Options: train_path/test_path or tfds_name(+tfds_data_dir), chat
-  (default True), system_prompt, instruction, limit, timeout_s, require_boxed."""
-  return _math_family_task("gsm8k", gsm8k_example, 1024, **options)
+    """GSM8K (Cobbe et al. 2021). Options: train_path/test_path or tfds_name(+tfds_data_dir), chat
+    (default True), system_prompt, instruction, limit, timeout_s, require_boxed."""
+    return _math_family_task("gsm8k", gsm8k_example, 1024, **options)
 
 
 def math_task(**options) -> Task:
-  """MATH (Hendrycks et al. 2021); same options as gsm8k."""
-  return _math_family_task("math", math_example, 2048, **options)
+    """MATH (Hendrycks et al. 2021); same options as gsm8k."""
+    return _math_family_task("math", math_example, 2048, **options)
 
 
 def math500_task(**options) -> Task:
-  """MATH-500 (Lightman et al. 2023 test subset); same options as gsm8k."""
-  return _math_family_task("math500", math_example, 2048, **options)
+    """MATH-500 (Lightman et al. 2023 test subset); same options as gsm8k."""
+    return _math_family_task("math500", math_example, 2048, **options)
 
 
 def aime_task(**options) -> Task:
-  """AIME 2024/2025 (integer answers 0-999); same options as gsm8k (usually only test_path)."""
-  return _math_family_task("aime", math_example, 4096, **options)
+    """AIME 2024/2025 (integer answers 0-999); same options as gsm8k (usually only test_path)."""
+    return _math_family_task("aime", math_example, 4096, **options)

@@ -5,6 +5,7 @@ bridge package or jax. Protocol, one JSON object per line: in {"p": predicted, "
 "t": seconds}, out {"ok": bool}; "ready" is printed once the imports are done. The worker exits
 when its stdin closes (the parent died or shut the pool down).
 """
+
 import json
 import os
 import sys
@@ -16,26 +17,26 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def _parse(parse, text, seconds):
-  return parse(text if "$" in text or "\\boxed" in text else f"${text}$", parsing_timeout=seconds)
+    return parse(text if "$" in text or "\\boxed" in text else f"${text}$", parsing_timeout=seconds)
 
 
 def main() -> None:
-  from math_verify import parse, verify
+    from math_verify import parse, verify
 
-  sys.stdout.write("ready\n")
-  sys.stdout.flush()
-  for line in sys.stdin:
-    request = json.loads(line)
-    seconds = max(1, int(request["t"]))
-    try:
-      gold = _parse(parse, request["r"], seconds)
-      answer = _parse(parse, request["p"], seconds)
-      ok = bool(gold) and bool(answer) and bool(verify(gold, answer, timeout_seconds=seconds))
-    except BaseException:  # noqa: BLE001  (any failure of the checker is a wrong answer)
-      ok = False
-    sys.stdout.write(json.dumps({"ok": ok}) + "\n")
+    sys.stdout.write("ready\n")
     sys.stdout.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        seconds = max(1, int(request["t"]))
+        try:
+            gold = _parse(parse, request["r"], seconds)
+            answer = _parse(parse, request["p"], seconds)
+            ok = bool(gold) and bool(answer) and bool(verify(gold, answer, timeout_seconds=seconds))
+        except BaseException:  # noqa: BLE001  (any failure of the checker is a wrong answer)
+            ok = False
+        sys.stdout.write(json.dumps({"ok": ok}) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  main()
+    main()

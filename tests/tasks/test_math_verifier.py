@@ -1,4 +1,5 @@
 """Math answer extraction and equivalence: cases from the issue, plus thread use and speed."""
+
 import threading
 import time
 
@@ -7,76 +8,116 @@ import pytest
 from bridge.tasks.math import extract_answer, is_equivalent, normalize_answer
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so the result is \\boxed{42}.", "42"),
-    ("first \\boxed{1} then \\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),  # last box
-    ("\\boxed{\\frac{\\sqrt{2}}{\\left(1+\\{x\\}\\right)}}", "\\frac{\\sqrt{2}}{\\left(1+\\{x\\}\\right)}"),
-    ("\\fbox{7}", "7"),
-    ("thus \\boxed 5", "5"),
-    ("\\boxed{\\dfrac{3}{4}}", "\\dfrac{3}{4}"),
-    ("Natalia sold 72 clips.\n#### 72", "72"),
-    ("#### 1,500\n", "1,500"),
-    ("The answer is $-3$.", "-3"),
-    ("Therefore, the final answer is: 25%.", "25%"),
-    ("I think it costs 1,234.50 dollars in total", "1,234.50"),
-    ("temperatures were -5 and then -12", "-12"),
-    ("The answer is 2, 3", "2, 3"),
-    ("unbalanced \\boxed{12 and 7 more", "7"),
-    ("no digits here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the result is \\boxed{42}.", "42"),
+        ("first \\boxed{1} then \\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),  # last box
+        (
+            "\\boxed{\\frac{\\sqrt{2}}{\\left(1+\\{x\\}\\right)}}",
+            "\\frac{\\sqrt{2}}{\\left(1+\\{x\\}\\right)}",
+        ),
+        ("\\fbox{7}", "7"),
+        ("thus \\boxed 5", "5"),
+        ("\\boxed{\\dfrac{3}{4}}", "\\dfrac{3}{4}"),
+        ("Natalia sold 72 clips.\n#### 72", "72"),
+        ("#### 1,500\n", "1,500"),
+        ("The answer is $-3$.", "-3"),
+        ("Therefore, the final answer is: 25%.", "25%"),
+        ("I think it costs 1,234.50 dollars in total", "1,234.50"),
+        ("temperatures were -5 and then -12", "-12"),
+        ("The answer is 2, 3", "2, 3"),
+        ("unbalanced \\boxed{12 and 7 more", "7"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, expected):
-  assert extract_answer(text) == expected
+    assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("predicted, reference", [
-    ("72", "72"), ("72.0", "72"), ("1,500", "1500"), ("$18", "18"), ("\\$18.00", "18"),
-    ("\\dfrac{3}{4}", "\\frac{3}{4}"), ("3/4", "\\frac{3}{4}"), ("0.75", "\\frac34"),
-    ("-\\frac{1}{2}", "-0.5"), ("25\\%", "25"), ("10%", "0.1"), ("5 \\text{ cm}", "5"),
-    ("90^\\circ", "90"), ("x = 3", "3"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
-    ("2\\sqrt{2}", "\\sqrt{8}"), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
-    ("(x+1)^2", "x^2+2x+1"), ("3, 2", "2, 3"), ("\\text{(B)}", "(B)"),
-])
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("72", "72"),
+        ("72.0", "72"),
+        ("1,500", "1500"),
+        ("$18", "18"),
+        ("\\$18.00", "18"),
+        ("\\dfrac{3}{4}", "\\frac{3}{4}"),
+        ("3/4", "\\frac{3}{4}"),
+        ("0.75", "\\frac34"),
+        ("-\\frac{1}{2}", "-0.5"),
+        ("25\\%", "25"),
+        ("10%", "0.1"),
+        ("5 \\text{ cm}", "5"),
+        ("90^\\circ", "90"),
+        ("x = 3", "3"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+        ("(x+1)^2", "x^2+2x+1"),
+        ("3, 2", "2, 3"),
+        ("\\text{(B)}", "(B)"),
+    ],
+)
 def test_equivalent_pairs(predicted, reference):
-  assert is_equivalent(predicted, reference)
+    assert is_equivalent(predicted, reference)
 
 
-@pytest.mark.parametrize("predicted, reference", [
-    ("71", "72"), ("7.2", "72"), ("-3", "3"), ("\\frac{3}{5}", "\\frac{3}{4}"), ("1,501", "1500"),
-    ("2\\sqrt{3}", "\\sqrt{8}"), ("x^2+1", "(x+1)^2"), ("", "1"), (None, "1"), ("2, 4", "2, 3"),
-    ("{" * 30, "1"), ("\\frac{1}{0}", "1"),
-])
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("71", "72"),
+        ("7.2", "72"),
+        ("-3", "3"),
+        ("\\frac{3}{5}", "\\frac{3}{4}"),
+        ("1,501", "1500"),
+        ("2\\sqrt{3}", "\\sqrt{8}"),
+        ("x^2+1", "(x+1)^2"),
+        ("", "1"),
+        (None, "1"),
+        ("2, 4", "2, 3"),
+        ("{" * 30, "1"),
+        ("\\frac{1}{0}", "1"),
+    ],
+)
 def test_not_equivalent_pairs(predicted, reference):
-  assert not is_equivalent(predicted, reference)
+    assert not is_equivalent(predicted, reference)
 
 
 def test_normalize_answer_is_canonical_for_voting():
-  assert normalize_answer("\\boxed{ \\dfrac{1}{2} }") == normalize_answer("\\frac{1}{2}")
-  assert normalize_answer("$1,000.$") == "1,000"
+    assert normalize_answer("\\boxed{ \\dfrac{1}{2} }") == normalize_answer("\\frac{1}{2}")
+    assert normalize_answer("$1,000.$") == "1,000"
 
 
 def test_is_equivalent_from_many_threads():
-  pairs = [("\\frac{\\pi}{3}", "\\pi/3", True), ("2^{10}", "1024", True),
-           ("\\sqrt{9}", "3", True), ("\\sqrt{10}", "3", False)] * 3
-  results = [None] * len(pairs)
+    pairs = [
+        ("\\frac{\\pi}{3}", "\\pi/3", True),
+        ("2^{10}", "1024", True),
+        ("\\sqrt{9}", "3", True),
+        ("\\sqrt{10}", "3", False),
+    ] * 3
+    results = [None] * len(pairs)
 
-  def run(i):
-    results[i] = is_equivalent(pairs[i][0], pairs[i][1] + " " * (i // 4), timeout_s=10.0)
+    def run(i):
+        results[i] = is_equivalent(pairs[i][0], pairs[i][1] + " " * (i // 4), timeout_s=10.0)
 
-  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pairs))]
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join(timeout=60)
-  assert results == [expected for _, _, expected in pairs]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [expected for _, _, expected in pairs]
 
 
 def test_fast_path_throughput():
-  pairs = [(str(i), str(i + i % 2)) for i in range(2000)] + [
-      (f"\\frac{{{i}}}{{7}}", f"{i}/7") for i in range(2000)]
-  start = time.perf_counter()
-  matches = sum(is_equivalent(p, r) for p, r in pairs)
-  rate = len(pairs) / (time.perf_counter() - start)
-  print(f"verifier fast path: {rate:,.0f} calls/s on ordinary answers")
-  assert matches == 1000 + 2000
-  assert rate > 2000
+    pairs = [(str(i), str(i + i % 2)) for i in range(2000)] + [
+        (f"\\frac{{{i}}}{{7}}", f"{i}/7") for i in range(2000)
+    ]
+    start = time.perf_counter()
+    matches = sum(is_equivalent(p, r) for p, r in pairs)
+    rate = len(pairs) / (time.perf_counter() - start)
+    print(f"verifier fast path: {rate:,.0f} calls/s on ordinary answers")
+    assert matches == 1000 + 2000
+    assert rate > 2000
