@@ -9,9 +9,10 @@ Each thread setting runs in its own process, because XLA reads its thread settin
 "all" = every core for both (torch.set_num_threads(cores), XLA's default thread pool), and
 "1" = the process pinned to one core with one thread on each side. Each side is warmed up
 (compiled) once, then the two are timed alternately, end to end (Python lists / tensors in,
-tokens on the host out), REPEATS times; the best time of each is reported as new tokens/s,
-which is the figure least disturbed by other work on a shared machine (the load average is
-recorded too). Writes benchmarks/results/sampler_vs_hf.md.
+tokens on the host out), REPEATS times; the best wall time of each is reported as new
+tokens/s, and with one thread also the ratio of best process CPU times, the figure least
+disturbed by other work on a shared machine (the load average is recorded too). Writes
+benchmarks/results/sampler_vs_hf.md.
 
     .venv/bin/python benchmarks/sampler_vs_hf.py                 # threads "all" and "1"
     .venv/bin/python benchmarks/sampler_vs_hf.py --threads all
@@ -92,17 +93,19 @@ def worker(path: str, threads: str) -> dict:
             return out[:, PROMPT_LEN:].numpy()
 
         agree = float(np.mean(ours() == theirs()))  # also the warm-up (compilation) run
-        times = {ours: [], theirs: []}
+        wall, cpu = {ours: [], theirs: []}, {ours: [], theirs: []}
         for _ in range(REPEATS):
             for fn in (ours, theirs):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
-                times[fn].append(time.perf_counter() - start)
-        tps_ours = batch * NEW_TOKENS / min(times[ours])
-        tps_hf = batch * NEW_TOKENS / min(times[theirs])
-        rows.append(dict(batch=batch, ours=tps_ours, hf=tps_hf, agree=agree))
-        print(f"threads {threads}, batch {batch}: bridge {tps_ours:.0f} tok/s, transformers {tps_hf:.0f} tok/s, "
-              f"ratio {tps_ours / tps_hf:.2f}x, same greedy tokens {agree:.1%}", file=sys.stderr, flush=True)
+                wall[fn].append(time.perf_counter() - start)
+                cpu[fn].append(time.process_time() - start_cpu)
+        tokens = batch * NEW_TOKENS
+        row = dict(batch=batch, ours=tokens / min(wall[ours]), hf=tokens / min(wall[theirs]), agree=agree,
+                   cpu_ratio=min(cpu[theirs]) / min(cpu[ours]) if threads == "1" else None)
+        rows.append(row)
+        print(f"threads {threads}, batch {batch}: bridge {row['ours']:.0f} tok/s, transformers {row['hf']:.0f} tok/s, "
+              f"ratio {row['ours'] / row['hf']:.2f}x, same greedy tokens {agree:.1%}", file=sys.stderr, flush=True)
     return dict(threads=threads, rows=rows, load=(load_before, os.getloadavg()),
                 versions=f"jax {jax.__version__}, torch {torch.__version__}, "
                          f"transformers {transformers.__version__}")
@@ -120,14 +123,15 @@ def cpu_name() -> str:
 
 
 def report(results: list[dict]) -> str:
-    table = ["| threads | batch | bridge tok/s | transformers tok/s | ratio | same greedy tokens |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    table = ["| threads | batch | bridge tok/s | transformers tok/s | ratio | CPU-time ratio | same greedy tokens |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     loads = []
     for res in results:
         threads = f"{os.cpu_count()} (all)" if res["threads"] == "all" else res["threads"]
         for r in res["rows"]:
+            cpu_ratio = "-" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}x"
             table.append(f"| {threads} | {r['batch']} | {r['ours']:.0f} | {r['hf']:.0f} | "
-                         f"{r['ours'] / r['hf']:.2f}x | {r['agree']:.1%} |")
+                         f"{r['ours'] / r['hf']:.2f}x | {cpu_ratio} | {r['agree']:.1%} |")
         loads.append(f"threads {threads}: {res['load'][0][0]:.1f} before, {res['load'][1][0]:.1f} after")
     machine = (f"{cpu_name()}, {os.cpu_count()} cores; {platform.system()} {platform.release()}, "
                f"Python {platform.python_version()}, {results[0]['versions']}")
@@ -138,7 +142,11 @@ def report(results: list[dict]) -> str:
         f"{MODEL['num_key_value_heads']} kv heads x {MODEL['head_dim']}, vocab {MODEL['vocab_size']}, tied "
         f"embeddings, the same safetensors loaded by both. Greedy, {PROMPT_LEN}-token random prompts, exactly "
         f"{NEW_TOKENS} new tokens per row. New tokens per second, end to end, best of {REPEATS} alternating "
-        "runs after one warm-up (compilation) run; ratio = bridge / transformers.", "",
+        "runs after one warm-up (compilation) run; ratio = bridge / transformers. With one thread each side "
+        "is pinned to one core, and the CPU-time ratio (process CPU seconds, best of the same runs) "
+        "is the comparison least affected by other processes on a shared machine. With all threads on a "
+        "machine whose load exceeds its cores, torch's OpenMP threads spin-wait and transformers slows down "
+        "many times, so read those rows with the load average below.", "",
         f"Machine: {machine}.", f"1-minute load average (shared machine): {'; '.join(loads)}.", "",
         "Command: `.venv/bin/python benchmarks/sampler_vs_hf.py`", "",
         *table, ""])

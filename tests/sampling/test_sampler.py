@@ -61,7 +61,7 @@ def teacher_forced_logits(model, out):
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_greedy_equals_transformers(family, request):
     torch_model, model = request.getfixturevalue(family)
-    n_new = 12
+    n_new = 8
     ours = np.asarray(sampling.generate(model, PROMPTS, max_new_tokens=n_new, temperature=0.0).tokens)
     theirs = hf_greedy(torch_model, PROMPTS, n_new)
     assert np.mean(ours == theirs) >= 0.95
@@ -76,14 +76,14 @@ def test_greedy_single_prompt_equals_transformers(tmp_path):
     hence this shape."""
     torch_model = hf_fixtures.tiny_hf_model(tmp_path, "qwen3", head_dim=32)
     model = models.load_hf(str(tmp_path))
-    ours = np.asarray(sampling.generate(model, PROMPTS[1:2], max_new_tokens=12, temperature=0.0).tokens)
-    np.testing.assert_array_equal(ours[0], hf_greedy(torch_model, PROMPTS[1:2], 12)[0])
+    ours = np.asarray(sampling.generate(model, PROMPTS[1:2], max_new_tokens=8, temperature=0.0).tokens)
+    np.testing.assert_array_equal(ours[0], hf_greedy(torch_model, PROMPTS[1:2], 8)[0])
 
 
 def test_greedy_has_no_near_ties(qwen3):
     """Guards the exact-equality case: every greedy step wins by a clear margin."""
     _, model = qwen3
-    out = sampling.generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
+    out = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
     top2 = np.sort(teacher_forced_logits(model, out), axis=-1)[..., -2:]
     assert np.min(top2[..., 1] - top2[..., 0]) > 1e-3
 
@@ -92,7 +92,7 @@ def test_greedy_has_no_near_ties(qwen3):
                                       dict(temperature=1.2, top_k=7, top_p=0.9)])
 def test_logprobs_equal_teacher_forced_scoring(qwen3, settings):
     _, model = qwen3
-    out = sampling.generate(model, PROMPTS, max_new_tokens=10, seed=3, n=2, **settings)
+    out = sampling.generate(model, PROMPTS, max_new_tokens=8, seed=3, n=2, **settings)
     z = teacher_forced_logits(model, out)
     t = settings["temperature"]
     if t > 0:
@@ -115,17 +115,17 @@ def test_logprobs_equal_teacher_forced_scoring(qwen3, settings):
 
 def test_eos_and_mask_for_rows_stopping_at_different_steps(qwen3):
     _, model = qwen3
-    free = np.asarray(sampling.generate(model, PROMPTS, max_new_tokens=10, temperature=0.0).tokens)
+    free = np.asarray(sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.0).tokens)
     eos = (int(free[0, 2]), int(free[1, 5]))
-    out = sampling.generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, eos_ids=eos, pad_id=0)
+    out = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, eos_ids=eos, pad_id=0)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     stops = np.isin(free, eos)
     for r in range(len(PROMPTS)):
         first = int(np.argmax(stops[r])) if stops[r].any() else None
-        length = 10 if first is None else first + 1
+        length = 8 if first is None else first + 1
         assert out.lengths[r] == length
         assert out.finish_reason[r] == (sampling.FINISH_LENGTH if first is None else sampling.FINISH_EOS)
-        np.testing.assert_array_equal(mask[r], np.arange(10) < length)
+        np.testing.assert_array_equal(mask[r], np.arange(8) < length)
         np.testing.assert_array_equal(tokens[r, :length], free[r, :length])
         assert np.all(tokens[r, length:] == 0)
     assert out.lengths[0] <= 3 and out.lengths[1] <= 6 and len(set(np.asarray(out.lengths))) > 1
@@ -134,16 +134,16 @@ def test_eos_and_mask_for_rows_stopping_at_different_steps(qwen3):
 def test_early_exit_when_all_rows_finish(qwen3):
     _, model = qwen3
     first = int(np.asarray(sampling.generate(model, [[3, 4]], max_new_tokens=1, temperature=0.0).tokens)[0, 0])
-    out = sampling.generate(model, [[3, 4]] * 3, max_new_tokens=50, temperature=0.0, eos_ids=(first,))
+    out = sampling.generate(model, [[3, 4]] * 3, max_new_tokens=8, temperature=0.0, eos_ids=(first,))
     np.testing.assert_array_equal(np.asarray(out.lengths), [1, 1, 1])
     assert np.all(np.asarray(out.tokens)[:, 1:] == 0)
 
 
 def test_prompt_outputs_are_left_padded_and_repeated(qwen3):
     _, model = qwen3
-    out = sampling.generate(model, PROMPTS, max_new_tokens=3, n=2)
+    out = sampling.generate(model, PROMPTS, max_new_tokens=8, n=2, seed=3, temperature=0.7)
     p = out.prompt_tokens.shape[1]
-    assert p % 16 == 0 and out.tokens.shape == (8, 3)
+    assert p % 16 == 0 and out.tokens.shape == (8, 8)
     for r in range(8):
         prompt = PROMPTS[r // 2]
         np.testing.assert_array_equal(np.asarray(out.prompt_tokens)[r, p - len(prompt):], prompt)
@@ -170,16 +170,16 @@ def test_top_k_1_equals_greedy(qwen3):
 def test_n_samples_share_one_prefill_and_differ(qwen3):
     _, model = qwen3
     graphdef, state = nnx.split(model)
-    config = sampling.SamplingConfig(max_new_tokens=6, n=3)
+    config = sampling.SamplingConfig(max_new_tokens=8, n=3)
     tokens, mask = sampling.left_pad(PROMPTS, 16, len(PROMPTS), 0)
     caches, logits = sampling.prefill((graphdef,), (state,), jnp.asarray(tokens), jnp.asarray(mask), config)
     k = np.asarray(caches[0].k[0])
-    assert k.shape[0] == 3 * len(PROMPTS) and k.shape[1] == 16 + 6
+    assert k.shape[0] == 3 * len(PROMPTS) and k.shape[1] == 16 + 8
     for j in range(3):  # each prompt's rows are copies of one prefill row
         np.testing.assert_array_equal(k[j::3], k[0::3])
         np.testing.assert_array_equal(np.asarray(logits)[j::3], np.asarray(logits)[0::3])
-    out = sampling.generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, n=3, seed=1)
-    rows = np.asarray(out.tokens).reshape(len(PROMPTS), 3, 6)
+    out = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, n=3, seed=1)
+    rows = np.asarray(out.tokens).reshape(len(PROMPTS), 3, 8)
     for b in range(len(PROMPTS)):
         assert len({tuple(r) for r in rows[b]}) == 3
 
@@ -188,7 +188,7 @@ def test_sharded_on_8_devices_equals_one_device(qwen3):
     _, model = qwen3
     assert jax.device_count() == 8
     mesh = mesh_lib.make_mesh((2, 2, 2))
-    kw = dict(max_new_tokens=7, temperature=1.0, top_p=0.95, n=2, seed=4, eos_ids=(17,))
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95, n=2, seed=4, eos_ids=(17,))
     single = sampling.generate(model, PROMPTS[:3], **kw)
     sharded = sampling.generate(model, PROMPTS[:3], mesh=mesh, **kw)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
@@ -231,7 +231,7 @@ def test_proxy_tuning_follows_combined_logits(qwen3, proxy_models):
 
 def test_repeated_calls_in_one_bucket_compile_once(qwen3):
     _, model = qwen3
-    kw = dict(max_new_tokens=5, temperature=1.0, top_k=4)
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=4)
     sampling.generate(model, [[1, 2, 3], [4, 5]], **kw)
     sampling.generate(model, [[7] * 9, [8] * 12], seed=1, **kw)  # same buckets: batch 2, length 16
     sampler = next(s for key, s in sampling.sampler._SAMPLERS.items() if key[1].top_k == 4)
@@ -240,14 +240,14 @@ def test_repeated_calls_in_one_bucket_compile_once(qwen3):
 
 def test_make_sampler_and_pure_sample_inside_jit_match_generate(qwen3):
     _, model = qwen3
-    config = sampling.SamplingConfig(max_new_tokens=6, temperature=0.8, n=2)
+    config = sampling.SamplingConfig(max_new_tokens=8, temperature=0.7, n=2)
     graphdef, state = nnx.split(model)
     tokens, mask = sampling.left_pad(PROMPTS, 16, len(PROMPTS), config.pad_id)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    want = sampling.generate(model, PROMPTS, max_new_tokens=6, temperature=0.8, n=2, seed=9)
-    compiled = sampling.make_sampler(graphdef, config)(state, tokens, mask, jax.random.key(9))
+    want = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.7, n=2, seed=3)
+    compiled = sampling.make_sampler(graphdef, config)(state, tokens, mask, jax.random.key(3))
     inside = jax.jit(lambda s, t, m, k: sampling.sample(graphdef, s, t, m, k, config))(state, tokens, mask,
-                                                                                       jax.random.key(9))
+                                                                                       jax.random.key(3))
     for got in (compiled, inside):
         np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
         np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-6)
