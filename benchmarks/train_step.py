@@ -14,7 +14,8 @@ donated. It runs with each `token_logprobs` implementation ("auto" = the size di
 `kernels/logprobs/api.py`, "reference", "chunked"; forced by rebinding `scoring.token_logprobs`
 to a partial with `implementation=`). Each compiled step is warmed up (compiled) and then the
 variants are timed alternately, REPEATS steps each (the state carries over, the batch is
-fixed), wall time until the new state and metrics are ready; the median is reported.
+fixed), wall time until the new state and metrics are ready; the median is reported. The
+Tunix step and the matmul-peak benchmark are timed in the same rounds.
 
 Model FLOPs per step (the work the step needs; the same number for every implementation):
     6 * N_body * B*S  +  6 * N_head * B*N  +  12 * L * B*S * S * H*Dh
@@ -23,7 +24,7 @@ N_body = decoder parameters without the tied embedding (matmul weights + norms),
 B*N = 768 completion positions through the head, the last term QK^T and PV forward and
 backward over the full S x S scores (the reference attention computes the masked half too).
 Achieved GFLOP/s = model FLOPs / median step time, against the CPU's measured float32 matmul
-peak (median of jitted 2048^3 jnp.dot). XLA's own count (`compiled.cost_analysis()`) of each
+peak (median of jitted 2048^3 jnp.dot, timed in the same rounds). XLA's own count (`compiled.cost_analysis()`) of each
 compiled step is listed beside it (elementwise work included).
 
 A diagnostic variant routes token_logprobs so that no entropy is computed (the entropy metric
@@ -79,7 +80,7 @@ ROWS, PROMPT_LEN, COMPLETION_LEN = 8, 32, 96
 REWARDS = (1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0)  # one group of 8
 LR = 1e-5
 REPEATS = 15
-PIECE_REPEATS = 5  # matmul peak and kernel sweep
+PIECE_REPEATS = 5  # kernel sweep
 PROFILE_STEPS = 3
 PEAK_SIZE = 2048
 SWEEP_TOKENS = (768, 1536, 3072)
@@ -166,17 +167,11 @@ def median_time(fn, *args, repeats: int) -> float:
     return float(np.median([timed(fn, *args) for _ in range(repeats)]))
 
 
-def matmul_peak() -> dict:
-    n = PEAK_SIZE
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
-    seconds = median_time(dot, a, b, repeats=PIECE_REPEATS)
-    return dict(size=n, seconds=seconds, gflops=2 * n**3 / seconds / 1e9)
+def timed_rounds(graphdef, params, batch, tunix: TunixPeer | None) -> dict:
+    """Every bridge variant, Tunix's step and the 2048^3 matmul, alternately, REPEATS rounds.
 
-
-def bridge_steps(graphdef, params, batch) -> dict:
-    """Median step time and XLA's FLOP count for each token_logprobs implementation."""
+    Returns per bridge variant the median/min step time, XLA's FLOP count, first-step loss and
+    grad norm and second-step loss; the Tunix step times; the matmul peak."""
     scfg = stage_config()
     tx = train_state.make_optimizer(scfg.optimizer)
     loss_fn = rl.make_loss_fn(scfg)
@@ -194,15 +189,28 @@ def bridge_steps(graphdef, params, batch) -> dict:
         runs[name] = dict(update=update, state=state, times=[], xla_flops=float(xla_flops),
                           loss=float(first["loss"]), grad_norm=float(first["grad_norm"]),
                           second_loss=float(second["loss"]))
-    for _ in range(REPEATS):  # alternate, so load from other work spreads over all variants
+    n = PEAK_SIZE
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in (1, 2))
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    jax.block_until_ready(dot(a, b))
+    if tunix is not None:
+        tunix.wait_ready()
+    dot_times, tunix_times = [], []
+    for _ in range(REPEATS):  # alternate, so load from other work spreads over everything timed
         for run in runs.values():
             start = time.perf_counter()
             run["state"], metrics = run["update"](run["state"], device_batch, None)
             jax.block_until_ready((run["state"], metrics))
             run["times"].append(time.perf_counter() - start)
-    return {name: dict(median_s=float(np.median(r["times"])), min_s=float(np.min(r["times"])),
-                       **{k: r[k] for k in ("xla_flops", "loss", "grad_norm", "second_loss")})
-            for name, r in runs.items()}
+        if tunix is not None and (seconds := tunix.step()) is not None:
+            tunix_times.append(seconds)
+        dot_times.append(timed(dot, a, b))
+    bridge = {name: dict(median_s=float(np.median(r["times"])), min_s=float(np.min(r["times"])),
+                         **{k: r[k] for k in ("xla_flops", "loss", "grad_norm", "second_loss")})
+              for name, r in runs.items()}
+    peak_s = float(np.median(dot_times))
+    return dict(bridge=bridge, tunix_times=tunix_times,
+                peak=dict(size=n, seconds=peak_s, gflops=2 * n**3 / peak_s / 1e9))
 
 
 PROFILE_CATEGORIES = (
@@ -309,17 +317,45 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_tunix(model_dir: str, batch_path: str) -> dict:
-    """Tunix's step in its own venv; {"error": why} when it cannot run."""
-    if not os.path.exists(TUNIX_PYTHON):
-        return {"error": f"{TUNIX_PYTHON} does not exist (create it: python3 -m venv /work/tunix-venv && "
-                         "/work/tunix-venv/bin/pip install google-tunix==0.1.7)"}
-    proc = subprocess.run([TUNIX_PYTHON, TUNIX_SCRIPT, "--model", model_dir, "--batch", batch_path,
-                           "--repeats", str(REPEATS), "--lr", str(LR)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class TunixPeer:
+    """benchmarks/train_step_tunix.py --serve in the Tunix venv: compiles while bridge does, then
+    times one of its steps per `step()` call, so the two sides alternate under the same load."""
+
+    def __init__(self, model_dir: str, batch_path: str):
+        self.error = None
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([TUNIX_PYTHON, TUNIX_SCRIPT, "--serve", "--model", model_dir, "--batch",
+                                      batch_path, "--lr", str(LR)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def _fail(self, what: str) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.seek(0)
+        tail = [x for x in self.log.read().strip().splitlines() if x.strip()][-3:]
+        self.error = f"{what}; exit {self.proc.returncode}; stderr ends: {' / '.join(tail)}"
+
+    def wait_ready(self) -> None:
+        if self.proc.stdout.readline().strip() != json.dumps({"ready": True}):
+            self._fail("train_step_tunix.py did not get ready")
+
+    def step(self) -> float | None:
+        if self.error:
+            return None
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self._fail("train_step_tunix.py stopped")
+            return None
+        return float(line)
+
+    def finish(self, times: list[float]) -> dict:
+        if self.error:
+            return {"error": self.error}
+        out, _ = self.proc.communicate("")
+        res = json.loads(out.strip().splitlines()[-1])
+        return dict(res, median_s=float(np.median(times)), min_s=float(np.min(times)))
 
 
 def report(res: dict) -> str:
@@ -347,7 +383,7 @@ def report(res: dict) -> str:
         tunix_lines = [f"Tunix could not be measured: {tunix['error']}."]
     else:
         table.append(row(f"Tunix {tunix['version']} GRPO actor-trainer step", tunix))
-        tunix_lines = [f"Tunix ({tunix['versions']}; separate venv, separate process, run after bridge): "
+        tunix_lines = [f"Tunix ({tunix['versions']}; separate venv and process, steps alternated with bridge's): "
                        f"{tunix['what']}", "",
                        f"bridge (auto) / Tunix speed: **{tunix['median_s'] / auto:.2f}x** (median step times). "
                        "Equal first-step grad norms and second-step losses (after one AdamW update) on both sides "
@@ -369,8 +405,9 @@ def report(res: dict) -> str:
         f"Batch [{ROWS}, {PROMPT_LEN + COMPLETION_LEN}]: {ROWS} rows (one group of {ROWS}) x ({PROMPT_LEN}-token "
         f"prompt + {COMPLETION_LEN}-token completion), no padding. One optimizer update per step: GRPO clipped "
         "surrogate (0.2/0.2), token-mean, no KL, AdamW (b1 0.9, b2 0.99, wd 0) after global-norm clip 1.0. "
-        f"Median (and min) of {REPEATS} steps after compile and one warm-up step; bridge variants timed "
-        "alternately in one process.", "",
+        f"Median (and min) of {REPEATS} steps after compile and one warm-up step. Every bridge variant, the "
+        "Tunix step (its own process, driven step by step) and the matmul peak are timed alternately, one of "
+        "each per round, so they share the machine's load.", "",
         f"Machine: {machine}. The machine is shared: 1-minute load average {res['load'][0]:.1f} before, "
         f"{res['load'][1]:.1f} after (on {os.cpu_count()} cores), so absolute times are inflated and noisy; "
         "ratios between rows timed alternately are the more reliable figures.", "",
@@ -383,8 +420,9 @@ def report(res: dict) -> str:
         "B*S positions through the decoder, B*N completion positions through the head; attention forward + "
         "backward over the full S x S). The plain 6 * N * B*S + attention (head on every position, as Tunix "
         f"computes it) would be {flops['naive_6nt'] / 1e9:.2f}. The same model-FLOP count divides every row.", "",
-        f"CPU float32 matmul peak, measured in this run: jitted jnp.dot {peak['size']}^3, median of "
-        f"{PIECE_REPEATS}: {peak['seconds'] * 1e3:.0f} ms = **{peak['gflops']:.1f} GFLOP/s**.", "",
+        f"CPU float32 matmul peak, measured in this run, alternately with the steps: jitted jnp.dot "
+        f"{peak['size']}^3, median of {REPEATS}: {peak['seconds'] * 1e3:.0f} ms = **{peak['gflops']:.1f} GFLOP/s**.",
+        "",
         *table, "",
         "XLA-counted GFLOP: `compiled.cost_analysis()['flops']` of the whole step (elementwise work included). "
         f"The diagnostic row computes no entropy (the step's `entropy` metric reads 0); it measures what the "
@@ -419,15 +457,18 @@ def main() -> None:
         batch = make_batch(graphdef, params)
         batch_path = os.path.join(path, "batch.npz")
         np.savez(batch_path, **batch)
-        res = dict(flops=model_flops(MODEL), peak=matmul_peak())
-        print(f"matmul peak {res['peak']['gflops']:.1f} GFLOP/s", file=sys.stderr, flush=True)
-        res["bridge"] = bridge_steps(graphdef, params, batch)
-        print(json.dumps(res["bridge"], indent=1), file=sys.stderr, flush=True)
+        tunix = None if args.no_tunix or not os.path.exists(TUNIX_PYTHON) else TunixPeer(path, batch_path)
+        res = dict(flops=model_flops(MODEL), **timed_rounds(graphdef, params, batch, tunix))
+        if tunix is not None:
+            res["tunix"] = tunix.finish(res["tunix_times"])
+        else:
+            res["tunix"] = {"error": "skipped (--no-tunix)" if args.no_tunix else
+                            f"{TUNIX_PYTHON} does not exist (create it: python3 -m venv /work/tunix-venv && "
+                            "/work/tunix-venv/bin/pip install google-tunix==0.1.7)"}
+        print(json.dumps({k: res[k] for k in ("bridge", "tunix", "peak")}, indent=1), file=sys.stderr, flush=True)
         fastest = min(IMPLEMENTATIONS, key=lambda k: res["bridge"][k]["median_s"])
         res["profile"] = profile_step(graphdef, params, batch, fastest)
         res["sweep"] = kernel_sweep()
-        res["tunix"] = {"error": "skipped (--no-tunix)"} if args.no_tunix else run_tunix(path, batch_path)
-        print(json.dumps(res["tunix"]), file=sys.stderr, flush=True)
     res["load"] = (load_before, os.getloadavg()[0])
     text = report(res)
     print("\n" + text)

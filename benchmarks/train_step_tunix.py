@@ -20,8 +20,10 @@ What is timed, and how it matches bridge's step:
   and tokenizer; the batch (a `TrainExample`) is given directly instead, with bridge's
   advantages and old logprobs, so both compute the same loss on the same numbers.
 - Each step is timed until loss, aux and grad norm are ready (what Tunix's own
-  `peft_train_step` span waits for). Median of --repeats steps after compile + one warm-up.
-Prints one JSON line.
+  `peft_train_step` span waits for), after compile + one warm-up step. Alone: median of
+  --repeats steps. With --serve (how train_step.py runs it): one step per "step" line on
+  stdin, its seconds printed back, so the caller can alternate these steps with its own.
+Prints one JSON line (first-step loss and grad norm, second-step loss, XLA FLOP count).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--batch", required=True, help="npz written by benchmarks/train_step.py")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--serve", action="store_true",
+                        help="after warm-up print a ready line, then time one step per 'step' line on stdin "
+                             "(printing its seconds) until stdin closes")
     args = parser.parse_args()
     from importlib.metadata import version
 
@@ -111,21 +117,31 @@ def main() -> None:
     compile_s = time.perf_counter() - start
     first = dict(loss=float(loss), grad_norm=float(grad_norm))
     second_loss = float(jax.block_until_ready(train_step(example))[0])
-    times = []
-    for _ in range(args.repeats):
+
+    def timed_step() -> float:
         start = time.perf_counter()
         jax.block_until_ready(train_step(example))
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    if args.serve:  # the caller alternates our steps with its own: one "step" line, one time back
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "step":
+                print(timed_step(), flush=True)
+        times = []  # the caller holds them
+    else:
+        times = [timed_step() for _ in range(args.repeats)]
     print(json.dumps(dict(
-        first, second_loss=second_loss, median_s=float(np.median(times)), min_s=float(np.min(times)), compile_s=compile_s,
-        xla_flops=float(xla_flops), version=version("google-tunix"),
+        first, second_loss=second_loss, compile_s=compile_s, xla_flops=float(xla_flops),
+        median_s=float(np.median(times)) if times else None, min_s=float(np.min(times)) if times else None,
+        version=version("google-tunix"),
         versions=f"google-tunix {version('google-tunix')}, jax {jax.__version__}, flax {version('flax')}, "
                  f"optax {version('optax')}",
         what="the actor trainer's jitted GRPO train step (rl.trainer.Trainer with grpo_loss_fn wired as "
              "GRPOLearner does; forward + loss + backward + AdamW via nnx.Optimizer) on the same TrainExample; "
              "GRPOLearner's rollout, reward/advantage computation and scoring passes are not part of the "
              "update and are not timed. Tunix's loss materializes the [8, 128, 32000] float32 logits of every "
-             "position (prompt included) and takes the entropy metric from them.")))
+             "position (prompt included) and takes the entropy metric from them.")), flush=True)
 
 
 if __name__ == "__main__":
