@@ -82,14 +82,18 @@ def make_update_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformati
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-        updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def apply(operands):
+            params, opt_state = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, lambda operands: operands,
+                                         (state.params, state.opt_state))
         new_state = TrainState(
             step=state.step + finite.astype(jnp.int32),
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             skipped=jnp.where(finite, 0, state.skipped + 1),
         )
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),

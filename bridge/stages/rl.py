@@ -39,7 +39,12 @@ def make_loss_fn(scfg):
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
 
     def loss_fn(model, batch, frozen):
-        logp, ent = scoring.completion_logprobs(model, batch, temperature, return_entropy=True)
+        # The entropy (and its gradient) is computed here only when it is a loss term; the
+        # reported entropy comes from the old-logprob pass, outside the differentiated step.
+        if scfg.entropy_coef:
+            logp, ent = scoring.completion_logprobs(model, batch, temperature, return_entropy=True)
+        else:
+            logp = scoring.completion_logprobs(model, batch, temperature)
         mask = batch["mask"] * batch["row_weight"][:, None]
         adv = batch["advantages"][:, None] * batch["tis_weight"]
         loss, metrics = policy(logp, batch["old_logp"], adv, mask, aggregation=mode, max_len=max_len)
@@ -47,10 +52,9 @@ def make_loss_fn(scfg):
             kl = losses.aggregate(losses.kl_estimate(logp, batch["ref_logp"], scfg.kl_kind), mask, mode, max_len)
             loss = loss + scfg.kl_coef * kl
             metrics["kl_ref"] = kl
-        entropy = losses.masked_mean(ent, mask)
         if scfg.entropy_coef:
             loss = loss - scfg.entropy_coef * losses.aggregate(ent, mask, mode, max_len)
-        metrics["entropy"] = entropy
+            metrics["entropy_bonus"] = losses.masked_mean(ent, mask)
         return loss, metrics
 
     return loss_fn
@@ -132,8 +136,9 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     reference = common.frozen_state(model) if scfg.kl_coef > 0 else None
     if reference is not None:
         reference = jax.tree.map(jnp.copy, reference)
+    temperature = scfg.temperature if scfg.temperature > 0 else 1.0
     score = jax.jit(lambda state, batch: scoring.completion_logprobs(
-        nnx.merge(trainer.graphdef, state), batch, scfg.temperature if scfg.temperature > 0 else 1.0))
+        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True))
     data = ctx.prompts(name, scfg.prompts_per_step)
     estimator = adv_lib.advantage_estimator(scfg.advantage)
 
@@ -142,11 +147,12 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg, rng)
         batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
         # Old logprobs from the trainer's own forward pass, so rho = 1 exactly at the first update.
-        old_logp = score(state.params, batch)
+        old_logp, entropy = score(state.params, batch)
         rewards = roll["rewards_shaped"]
         metrics = common.response_metrics(roll)
+        metrics["entropy"] = float(losses.masked_mean(entropy, batch["mask"]))
         if reference is not None:
-            ref_logp = score(reference, batch)
+            ref_logp = score(reference, batch)[0]
             batch["ref_logp"] = ref_logp
             seq_kl = np.asarray(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))
             metrics["kl_ref_seq"] = float(seq_kl.mean())

@@ -64,7 +64,7 @@ def test_rl_loss_equals_objectives_library():
     ent = -(jax.nn.softmax(logits) * jax.nn.log_softmax(logits)).sum(-1)
     want -= 0.01 * losses.aggregate(ent, mask)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["entropy"]), float(losses.masked_mean(ent, mask)), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["entropy_bonus"]), float(losses.masked_mean(ent, mask)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
