@@ -40,11 +40,15 @@ HEAD_GRADIENT_TILE_BYTES = 128 * 2**20
 
 
 def default_chunk_size(n_tokens, vocab_size):
-    """Largest power of two with ``chunk * V * 4 <= LOGITS_CHUNK_BYTES``, in [8, 1024],
-    and no larger than the number of tokens."""
+    """At most the largest power of two with ``chunk * V * 4 <= LOGITS_CHUNK_BYTES`` (in
+    [8, 1024]), then evened out over the chunks it implies, rounded up to a multiple of 8,
+    so little padding is computed (1536 tokens -> two chunks of 768, not two of 1024)."""
     rows = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
-    chunk = min(max(8, 1 << (rows.bit_length() - 1)), MAX_DEFAULT_CHUNK)
-    return max(1, min(chunk, n_tokens))
+    cap = min(max(8, 1 << (rows.bit_length() - 1)), MAX_DEFAULT_CHUNK)
+    if n_tokens <= cap:
+        return max(1, n_tokens)
+    n_chunks = -(-n_tokens // cap)
+    return min(cap, 8 * -(-(-(-n_tokens // n_chunks)) // 8))
 
 
 def _to_chunks(x, chunk_size):
