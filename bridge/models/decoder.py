@@ -28,7 +28,7 @@ from kernels.attention.api import attention
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer keys/values [B, S, H_kv, Dh], slot validity bool[B, S], next slot int32[]."""
+    """Per-layer keys/values [B, H_kv, S, Dh], slot validity bool[B, S], next slot int32[]."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -37,7 +37,7 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = dtype or cfg.dtype
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
@@ -121,7 +121,7 @@ class Attention(nnx.Module):
         self.shape = (h, kv, hd)
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, write_index=None):
-        """x [B,T,D]; kv: this layer's cached (k, v) [B,S,Hkv,Dh] or None. Returns (out, kv)."""
+        """x [B,T,D]; kv: this layer's cached (k, v) [B,Hkv,S,Dh] or None. Returns (out, kv)."""
         b, t, _ = x.shape
         h, nkv, hd = self.shape
         q = self.q_proj(x).reshape(b, t, h, hd)
@@ -130,11 +130,12 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh], the cache layout
         if kv is not None:
             ck, cv = kv
             zero = jnp.zeros((), jnp.int32)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, write_index, zero, zero))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, write_index, zero, zero))
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, zero, write_index, zero))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, zero, write_index, zero))
             kv = (k, v)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(b, t, h * hd)), kv

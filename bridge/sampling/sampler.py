@@ -97,7 +97,7 @@ def _constrain(x, logical_axes, mesh, rules):
 def _constrain_cache(cache: KVCache, mesh, rules) -> KVCache:
     if mesh is None:
         return cache
-    kv_axes = ("batch", "length", "kv_heads", "head_dim")
+    kv_axes = ("batch", "kv_heads", "length", "head_dim")
     return KVCache(k=tuple(_constrain(k, kv_axes, mesh, rules) for k in cache.k),
                    v=tuple(_constrain(v, kv_axes, mesh, rules) for v in cache.v),
                    valid=_constrain(cache.valid, ("batch", "length"), mesh, rules), index=cache.index)
@@ -148,10 +148,13 @@ def prefill(graphdefs, states, prompt_tokens, prompt_mask, config: SamplingConfi
         cache = _constrain_cache(KVCache.init(model.config, b, p), mesh, rules)
         hidden, cache = model.hidden_states(prompt_tokens, attention_mask=prompt_mask, cache=cache)
         last = jnp.dot(hidden[:, -1], model.head(), preferred_element_type=jnp.float32)
-        grow = lambda x: jnp.repeat(  # noqa: E731
-            jnp.pad(x, [(0, 0), (0, config.max_new_tokens)] + [(0, 0)] * (x.ndim - 2)), config.n, axis=0)
-        cache = KVCache(k=tuple(grow(k) for k in cache.k), v=tuple(grow(v) for v in cache.v),
-                        valid=grow(cache.valid), index=cache.index)
+        def grow(x, length_axis):  # room for the new tokens, then n rows per prompt
+            pad = [(0, 0)] * x.ndim
+            pad[length_axis] = (0, config.max_new_tokens)
+            return jnp.repeat(jnp.pad(x, pad), config.n, axis=0)
+
+        cache = KVCache(k=tuple(grow(k, 2) for k in cache.k), v=tuple(grow(v, 2) for v in cache.v),
+                        valid=grow(cache.valid, 1), index=cache.index)
         caches.append(_constrain_cache(cache, mesh, rules))
         logits.append(jnp.repeat(last, config.n, axis=0))
     return tuple(caches), _combine(logits, config.proxy_alpha)

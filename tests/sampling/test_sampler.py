@@ -174,7 +174,7 @@ def test_n_samples_share_one_prefill_and_differ(qwen3):
     tokens, mask = sampling.left_pad(PROMPTS, 16, len(PROMPTS), 0)
     caches, logits = sampling.prefill((graphdef,), (state,), jnp.asarray(tokens), jnp.asarray(mask), config)
     k = np.asarray(caches[0].k[0])
-    assert k.shape[0] == 3 * len(PROMPTS) and k.shape[1] == 16 + 8
+    assert k.shape[0] == 3 * len(PROMPTS) and k.shape[2] == 16 + 8  # [rows, kv heads, slots, head dim]
     for j in range(3):  # each prompt's rows are copies of one prefill row
         np.testing.assert_array_equal(k[j::3], k[0::3])
         np.testing.assert_array_equal(np.asarray(logits)[j::3], np.asarray(logits)[0::3])
