@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from bridge.models.tokenizer import pad_id as tokenizer_pad_id
 from bridge.tasks.base import Example, Task
 
 
@@ -158,12 +159,6 @@ def _hosts(process_index, process_count):
     )
 
 
-def _pad_id(tokenizer, pad_id):
-    if pad_id is not None:
-        return pad_id
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def make_prompt_iterator(
     task: Task,
     tokenizer,
@@ -184,7 +179,7 @@ def make_prompt_iterator(
     process_index, process_count = _hosts(process_index, process_count)
     examples, ids = _usable(task, split, max_prompt_len, lambda ex: task.prompt_ids(ex, tokenizer))
     lengths = sorted(buckets) if buckets else [max(map(len, ids), default=1)]
-    pad = _pad_id(tokenizer, pad_id)
+    pad = tokenizer_pad_id(tokenizer) if pad_id is None else pad_id
 
     def build(local: list[int], epoch: int) -> PromptBatch:
         rows = [ids[i] for i in local]
@@ -239,7 +234,7 @@ def make_sft_iterator(
 
     examples, pairs = _usable(task, split, max_len, encode, lambda pair: len(pair[0]) + len(pair[1]))
     lengths = sorted(buckets) if buckets else [max(len(p) + len(t) for p, t in pairs)]
-    pad = _pad_id(tokenizer, pad_id)
+    pad = tokenizer_pad_id(tokenizer) if pad_id is None else pad_id
 
     def build(local: list[int], epoch: int) -> SFTBatch:
         rows = [pairs[i] for i in local]
