@@ -74,6 +74,16 @@ class Context:
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), zlib.crc32(stage.encode()))
         return jax.random.fold_in(key, step)
 
+    def stage_task(self, scfg):
+        """The run's task, or the same task with the stage's `task_options` overriding its
+        options (e.g. a larger training split for supervised pretraining)."""
+        overrides = scfg.get("task_options")
+        if not overrides or not overrides.to_dict():
+            return self.task
+        from bridge import tasks
+
+        return tasks.get_task(self.cfg.task.name, **{**self.cfg.task.options.to_dict(), **overrides.to_dict()})
+
     def prompts(self, stage: str, batch_size: int):
         """The stage's shuffled, checkpointable stream of training prompt batches."""
         from bridge import data

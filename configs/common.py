@@ -53,7 +53,7 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
 def sft_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
     """Forward-KL warmup on teacher samples by default; source="gold", loss="cross_entropy" for SFT."""
     s = cd(kind="sft", model=model, init="", steps=steps, source="teacher", teacher="teacher",
-           loss="forward_kl", kl_temperature=1.0, pool_file="", pool_prompts=0, samples_per_prompt=8,
+           loss="forward_kl", kl_temperature=1.0, task_options=ml_collections.ConfigDict(), pool_file="", pool_prompts=0, samples_per_prompt=8,
            sample_batch_size=64, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
            batch_size=256, optimizer=optimizer(lr))
     s.update(kw)

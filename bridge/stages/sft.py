@@ -4,6 +4,7 @@ Pool (built once, saved in the workdir so a resumed run reuses it):
   source="teacher": `samples_per_prompt` teacher samples for each of `pool_prompts` prompts;
   source="gold":    the task's reference completions (used to pretrain toy models);
   pool_file=path:   a JSONL file of {"prompt", "completion"} texts, read instead of sampling.
+`task_options` override the run task's options for the pool (e.g. a larger train split).
 Loss:
   loss="forward_kl":    mean_t KL(p_T(.|x,y<t) || p_S(.|x,y<t)) over the full vocabulary
                         (the bridge's warmup; streamed through kernels.logprobs);
@@ -36,10 +37,11 @@ def pad_pool(prompts: list[list[int]], targets: list[list[int]], pad_id: int) ->
     return out
 
 
-def gold_pool(ctx: runtime.Context, examples) -> dict:
+def gold_pool(ctx: runtime.Context, examples, task=None) -> dict:
     """Prompt + reference completion + eos for each example."""
     eos = [ctx.tokenizer.eos_token_id]
-    return pad_pool([ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
+    task = task or ctx.task
+    return pad_pool([task.prompt_ids(e, ctx.tokenizer) for e in examples],
                     [ctx.tokenizer.encode(e.solution, add_special_tokens=False) + eos for e in examples],
                     ctx.pad_id)
 
@@ -73,13 +75,14 @@ def load_or_build_pool(ctx, name, scfg, teacher) -> dict:
     if os.path.exists(path):
         with np.load(path) as f:
             return dict(f)
-    examples = list(ctx.task.examples("train"))
+    task = ctx.stage_task(scfg)
+    examples = list(task.examples("train"))
     if scfg.pool_prompts:
         examples = examples[: int(scfg.pool_prompts)]
     if scfg.get("pool_file"):
         pool = file_pool(ctx, scfg.pool_file)
     elif scfg.source == "gold":
-        pool = gold_pool(ctx, examples)
+        pool = gold_pool(ctx, examples, task)
     else:
         pool = teacher_pool(ctx, teacher, examples, scfg, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
