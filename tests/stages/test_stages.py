@@ -241,3 +241,16 @@ def test_rl_stage_raises_the_probability_of_correct_answers(tmp_path):
         logp = scoring.completion_logprobs(models.load_hf(str(tmp_path / "models" / stage)), pool)
         gold[stage] = float((np.asarray(logp) * pool["mask"]).sum(1).mean())
     assert gold["student_rl"] > gold["student_sft"] + 0.02, gold
+
+
+def test_stage_task_options_override_the_run_task(tmp_path):
+    from bridge.stages import sft
+
+    cfg = smoke_config(["student_sft"], student_sft__task_options=common.cd(num_train=40), student_sft__pool_prompts=0)
+    ctx = runtime.make_context(cfg, str(tmp_path))
+    assert ctx.stage_task(cfg.stages.warmup) is ctx.task
+    task = ctx.stage_task(cfg.stages.student_sft)
+    assert len(task.examples("train")) == 40 and len(ctx.task.examples("train")) == 64
+    assert [e.prompt for e in task.examples("test")] == [e.prompt for e in ctx.task.examples("test")]
+    pool = sft.load_or_build_pool(ctx, "student_sft", cfg.stages.student_sft, None)
+    assert len(pool["tokens"]) == 40
