@@ -152,30 +152,42 @@ def report(results: list[dict]) -> str:
         *table, ""])
 
 
-def main() -> None:
+def write_report(text: str, path: str) -> None:
+    """Prints the report and writes it to `path` (benchmarks/results/...)."""
+    print("\n" + text)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
+def run_benchmark(script: str, worker_fn, report_fn, results_path: str, precheck=None) -> None:
+    """The shared driver of the sampler benchmarks: `--worker` runs one thread setting in this
+    process; otherwise the model is built once and each setting runs in its own subprocess."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default="all,1", help="comma-separated: 'all' and/or '1'")
     parser.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads)))
+        print(json.dumps(worker_fn(args.worker, args.threads)))
         return
     settings = args.threads.split(",")
     if any(s not in ("all", "1") for s in settings):
         parser.error(f"--threads takes 'all' and/or '1'; got {args.threads!r}")
+    if precheck is not None:
+        precheck()
     with tempfile.TemporaryDirectory() as path:
         build_model(path)
         results = []
         for threads in settings:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, "--threads", threads],
+            proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", path, "--threads", threads],
                                   stdout=subprocess.PIPE, check=True, text=True)
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    text = report(results)
-    print("\n" + text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(f"wrote {RESULTS}")
+    write_report(report_fn(results), results_path)
+
+
+def main() -> None:
+    run_benchmark(__file__, worker, report, RESULTS)
 
 
 if __name__ == "__main__":

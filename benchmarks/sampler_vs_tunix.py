@@ -26,7 +26,6 @@ times. Writes benchmarks/results/sampler_vs_tunix.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -39,7 +38,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 
-from sampler_vs_hf import BATCHES, MODEL, NEW_TOKENS, PROMPT_LEN, REPEATS, build_model, cpu_name  # noqa: E402
+from sampler_vs_hf import (BATCHES, MODEL, NEW_TOKENS, PROMPT_LEN, REPEATS, cpu_name,  # noqa: E402
+                           run_benchmark)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sampler_vs_tunix.md")
 TUNIX_PYTHON = "/work/tunix-venv/bin/python"
@@ -175,31 +175,11 @@ def report(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", default="all,1", help="comma-separated: 'all' and/or '1'")
-    parser.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.threads)))
-        return
-    settings = args.threads.split(",")
-    if any(s not in ("all", "1") for s in settings):
-        parser.error(f"--threads takes 'all' and/or '1'; got {args.threads!r}")
-    if not os.path.exists(TUNIX_PYTHON):
-        sys.exit(f"{TUNIX_PYTHON} does not exist; create the Tunix venv first:\n    {CREATE_TUNIX_VENV}")
-    with tempfile.TemporaryDirectory() as path:
-        build_model(path)
-        results = []
-        for threads in settings:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, "--threads", threads],
-                                  stdout=subprocess.PIPE, check=True, text=True)
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    text = report(results)
-    print("\n" + text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(f"wrote {RESULTS}")
+    def tunix_venv_exists():
+        if not os.path.exists(TUNIX_PYTHON):
+            sys.exit(f"{TUNIX_PYTHON} does not exist; create the Tunix venv first:\n    {CREATE_TUNIX_VENV}")
+
+    run_benchmark(__file__, worker, report, RESULTS, precheck=tunix_venv_exists)
 
 
 if __name__ == "__main__":
