@@ -95,7 +95,8 @@ class Context:
     def load(self, path: str):
         dtype = self.cfg.get("dtype", "float32")
         return models.load_hf(path, dtype=dtype, param_dtype=self.cfg.get("param_dtype", dtype),
-                              mesh=self.mesh, rules=self.rules, remat=bool(self.cfg.get("remat", False)))
+                              mesh=self.mesh, rules=self.rules, remat=bool(self.cfg.get("remat", False)),
+                              scan_layers=bool(self.cfg.get("scan_layers", False)))
 
     def model(self, ref: str):
         """A model by reference: a slot name ("teacher"), "stage:<name>" or "hf:<path>"."""

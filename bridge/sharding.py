@@ -25,6 +25,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the stacked-blocks axis of scan_layers models
 )
 
 

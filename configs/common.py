@@ -26,6 +26,7 @@ def base() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.param_dtype = "float32"
     c.remat = False  # recompute each decoder block in the backward pass (long sequences)
+    c.scan_layers = False  # stack the blocks and lax.scan them: compile time independent of depth
     c.mesh = cd(shape=(1, -1, 1), rules=tuple((k, v) for k, v in DEFAULT_RULES))
     c.tokenizer = ""
     c.models = ml_collections.ConfigDict()

@@ -64,6 +64,7 @@ class ModelConfig:
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: bool = False  # rematerialize each block in the backward pass
+    scan_layers: bool = False  # stack the blocks' params on a "layers" axis and lax.scan them
     extra_hf: str = "{}"  # JSON of config.json keys we do not model, kept for export
 
     def __post_init__(self):

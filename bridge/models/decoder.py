@@ -10,6 +10,11 @@ its `axes` metadata; `bridge.sharding` maps them to mesh axes with the config's 
 
 The same forward serves training (no cache: causal mask over the sequence and an optional
 padding mask) and sampling (a `KVCache` written at slot `cache.index`, per-row positions).
+
+With `config.scan_layers` (MaxText's scan_layers) the blocks' parameters are stacked on a
+leading "layers" axis and applied with one `lax.scan`, so compile time and program size do
+not grow with depth; the default unrolls a Python loop over separate blocks, which decodes
+faster on CPU at toy sizes. Both load and save the same Hugging Face tensors.
 """
 
 from __future__ import annotations
@@ -28,10 +33,15 @@ from kernels.attention.api import attention
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer keys/values [B, H_kv, S, Dh], slot validity bool[B, S], next slot int32[]."""
+    """Keys/values per layer, slot validity bool[B, S], next slot int32[].
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k and v are tuples of per-layer [B, H_kv, S, Dh] arrays, or with `scan_layers` one array
+    [L, B, H_kv, S, Dh] each; either way the last four axes are (batch, kv heads, slots,
+    head dim), so code that pads or repeats a cache works on both (`jax.tree.map` over k, v).
+    """
+
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     valid: jax.Array
     index: jax.Array
 
@@ -39,9 +49,11 @@ class KVCache:
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
         shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = dtype or cfg.dtype
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+        if cfg.scan_layers:
+            k, v = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2))
+        else:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
+        return cls(k=k, v=v, valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
@@ -167,6 +179,15 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One `Block` whose parameters carry a leading [num_layers] axis, named "layers"."""
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    state = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key))))(keys)
+    state = jax.tree.map(lambda v: v.replace(axes=("layers", *v.get_metadata()["axes"])), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))), state)
+
+
 class Decoder(nnx.Module):
     """Causal LM. `model(ids)` -> logits float32[B, T, V]; `model.hidden_states` for kernels."""
 
@@ -174,7 +195,10 @@ class Decoder(nnx.Module):
         self.config = cfg
         self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), 0.02, cfg.param_dtype),
                                axes=("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.layers = stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, "norm", eps=cfg.rms_norm_eps, cfg=cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
             _normal(rngs, (cfg.hidden_size, cfg.vocab_size), 0.02, cfg.param_dtype), axes=("embed", "vocab"))
@@ -207,18 +231,50 @@ class Decoder(nnx.Module):
             slots = cache.index + jnp.arange(t)
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             mask = (jnp.arange(cache.length)[None, :] <= slots[:, None])[None] & valid[:, None, :]
+        run = self._scanned_blocks if cfg.scan_layers else self._unrolled_blocks
+        x, kv = run(x, positions, inv_freq, mask, cache)
+        x = self.norm(x)
+        if cache is None:
+            return x
+        return x, KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
+
+    def _unrolled_blocks(self, x, positions, inv_freq, mask, cache):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            step = nnx.remat(type(layer).__call__) if cfg.remat else type(layer).__call__
+            step = nnx.remat(type(layer).__call__) if self.config.remat else type(layer).__call__
             x, kv = step(layer, x, positions, inv_freq, mask, kv, None if cache is None else cache.index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        x = self.norm(x)
-        if cache is None:
-            return x
-        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=cache.index + t)
+        return x, (tuple(new_k), tuple(new_v))
+
+    def _scanned_blocks(self, x, positions, inv_freq, mask, cache):
+        """lax.scan over the stacked blocks. The stacked cache rides in the carry and only the
+        new tokens' slots are written into it, so a decode step updates it in place."""
+        graphdef, params = nnx.split(self.layers)
+        t = x.shape[1]
+
+        def body(carry, layer_params):
+            x, i, kv = carry
+            block = nnx.merge(graphdef, layer_params)
+            if kv is None:
+                return (block(x, positions, inv_freq, mask)[0], i + 1, None), None
+            ks, vs = kv
+            layer_kv = (jax.lax.dynamic_index_in_dim(ks, i, keepdims=False),
+                        jax.lax.dynamic_index_in_dim(vs, i, keepdims=False))
+            x, (k, v) = block(x, positions, inv_freq, mask, layer_kv, cache.index)
+            zero = jnp.zeros((), jnp.int32)
+            start = (i, zero, zero, cache.index, zero)
+            new = lambda full: jax.lax.dynamic_slice_in_dim(full, cache.index, t, axis=2)[None]  # noqa: E731
+            kv = (jax.lax.dynamic_update_slice(ks, new(k), start), jax.lax.dynamic_update_slice(vs, new(v), start))
+            return (x, i + 1, kv), None
+
+        if self.config.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        kv = None if cache is None else (cache.k, cache.v)
+        (x, _, kv), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.int32), kv), params)
+        return x, kv
 
     def __call__(self, input_ids, *, positions=None, attention_mask=None, cache=None):
         """Logits float32[B, T, V] (and the updated cache when one is given)."""

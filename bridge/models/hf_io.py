@@ -8,6 +8,7 @@ tensor, and the model is built abstractly (`nnx.eval_shape`) so no random init i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -33,6 +34,16 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     *prefix, leaf = (str(p) for p in path)
     name = ".".join(["model", *prefix, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
     return name, leaf == "kernel"
+
+
+def hf_tensors(path: tuple, cfg: ModelConfig) -> tuple[list[str], bool, bool]:
+    """(transformers names, transposed kernel, stacked) of one parameter: with `scan_layers`
+    a stacked block parameter [L, ...] holds the tensors of layers 0..L-1."""
+    if cfg.scan_layers and path[0] == "layers":
+        names = [hf_name(("layers", i, *path[1:]))[0] for i in range(cfg.num_layers)]
+        return names, hf_name(path)[1], True
+    name, transpose = hf_name(path)
+    return [name], transpose, False
 
 
 def iter_params(model: Decoder) -> Iterator[tuple[tuple, nnx.Param]]:
@@ -74,19 +85,19 @@ def read_config(path: str, *, dtype=jnp.float32, param_dtype=None) -> ModelConfi
 
 
 def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None,
-            remat: bool = False) -> Decoder:
+            remat: bool = False, scan_layers: bool = False) -> Decoder:
     """Loads a transformers checkpoint folder (config.json + safetensors) into a `Decoder`.
 
     dtype is the compute dtype; param_dtype defaults to it; remat recomputes each block's
-    activations in the backward pass (long sequences). With `mesh` (and logical-axis
+    activations in the backward pass (long sequences); scan_layers stacks the blocks and
+    scans them (host memory then peaks near one stacked parameter). With `mesh` (and logical-axis
     `rules`), every tensor is placed straight onto its shards. A missing or unexpected tensor
     or a shape mismatch raises one ValueError naming every offending tensor.
     """
-    from bridge import sharding  # local: sharding imports models for abstract shapes
-
-    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype).replace(remat=remat)
+    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype).replace(remat=remat, scan_layers=scan_layers)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    expected = {hf_name(p)[0]: (p, var) for p, var in iter_params(model)}
+    params = dict(iter_params(model))
+    expected = {name for p in params for name in hf_tensors(p, cfg)[0]}
     location = {}
     for file in _weight_files(path):
         with safe_open(file, framework="flax") as f:
@@ -100,29 +111,39 @@ def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=
         raise ValueError(f"Checkpoint {path} does not match the {cfg.family} architecture: "
                          f"missing tensors {missing}; unexpected tensors {unexpected}.")
     mismatched = []
-    by_file: dict[str, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(location[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="flax") as f:
-            for name in names:
-                ppath, var = expected[name]
-                transpose = hf_name(ppath)[1]
-                tensor = f.get_tensor(name)
-                want = tuple(var.shape)[::-1] if transpose else tuple(var.shape)
-                if tuple(tensor.shape) != want:
-                    mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
-                    continue
-                if transpose:
-                    tensor = tensor.T
-                tensor = tensor.astype(cfg.param_dtype)
-                if mesh is not None:
-                    tensor = jax.device_put(tensor, sharding.param_sharding(var, mesh, rules))
-                var.set_value(tensor)
-                del tensor
+    with contextlib.ExitStack() as files:
+        handles = {file: files.enter_context(safe_open(file, framework="flax")) for file in set(location.values())}
+        for ppath, var in params.items():
+            names, transpose, stacked = hf_tensors(ppath, cfg)
+            sources = [(name, handles[location[name]]) for name in names]
+            mismatched += _load_param(var, sources, transpose, stacked, cfg.param_dtype, mesh, rules)
     if mismatched:
         raise ValueError(f"Checkpoint {path} has tensors of the wrong shape: {mismatched}.")
     return model
+
+
+def _load_param(var, sources, transpose: bool, stacked: bool, dtype, mesh, rules) -> list[str]:
+    """Reads one parameter's tensors [(name, open file)] into `var` (stacking layers when
+    `stacked`, placing it on its shards with a mesh); returns the shape mismatches."""
+    from bridge import sharding  # local: sharding imports models for abstract shapes
+
+    want = tuple(var.shape)[1:] if stacked else tuple(var.shape)
+    want = want[::-1] if transpose else want
+    pieces, mismatched = [], []
+    for name, f in sources:
+        tensor = f.get_tensor(name)
+        if tuple(tensor.shape) != want:
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
+            continue
+        pieces.append((tensor.T if transpose else tensor).astype(dtype))
+    if mismatched:
+        return mismatched
+    tensor = jnp.stack(pieces) if stacked else pieces[0]
+    del pieces
+    if mesh is not None:
+        tensor = jax.device_put(tensor, sharding.param_sharding(var, mesh, rules))
+    var.set_value(tensor)
+    return []
 
 
 def save_hf(model: Decoder, out_dir: str, *, tokenizer=None, max_shard_bytes: int = 4 << 30) -> None:
@@ -140,16 +161,18 @@ def save_hf(model: Decoder, out_dir: str, *, tokenizer=None, max_shard_bytes: in
     shards: list[dict[str, jax.Array]] = [{}]
     size = total = 0
     for p, var in iter_params(model):
-        name, transpose = hf_name(p)
-        tensor = jnp.asarray(jax.device_get(var[...]))
-        tensor = tensor.T if transpose else tensor
-        nbytes = tensor.size * tensor.dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-        total += nbytes
+        names, transpose, stacked = hf_tensors(p, cfg)
+        value = jnp.asarray(jax.device_get(var[...]))
+        for i, name in enumerate(names):
+            tensor = value[i] if stacked else value
+            tensor = tensor.T if transpose else tensor
+            nbytes = tensor.size * tensor.dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += nbytes
+            total += nbytes
     for stale in os.listdir(out_dir):
         if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
             os.remove(os.path.join(out_dir, stale))

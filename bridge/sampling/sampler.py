@@ -97,10 +97,9 @@ def _constrain(x, logical_axes, mesh, rules):
 def _constrain_cache(cache: KVCache, mesh, rules) -> KVCache:
     if mesh is None:
         return cache
-    kv_axes = ("batch", "kv_heads", "length", "head_dim")
-    return KVCache(k=tuple(_constrain(k, kv_axes, mesh, rules) for k in cache.k),
-                   v=tuple(_constrain(v, kv_axes, mesh, rules) for v in cache.v),
-                   valid=_constrain(cache.valid, ("batch", "length"), mesh, rules), index=cache.index)
+    kv_axes = lambda x: ("layers",) * (x.ndim - 4) + ("batch", "kv_heads", "length", "head_dim")  # noqa: E731
+    k, v = jax.tree.map(lambda x: _constrain(x, kv_axes(x), mesh, rules), (cache.k, cache.v))
+    return KVCache(k=k, v=v, valid=_constrain(cache.valid, ("batch", "length"), mesh, rules), index=cache.index)
 
 
 def _combine(logits: Sequence[jax.Array], alpha: float) -> jax.Array:
@@ -148,13 +147,13 @@ def prefill(graphdefs, states, prompt_tokens, prompt_mask, config: SamplingConfi
         cache = _constrain_cache(KVCache.init(model.config, b, p), mesh, rules)
         hidden, cache = model.hidden_states(prompt_tokens, attention_mask=prompt_mask, cache=cache)
         last = jnp.dot(hidden[:, -1], model.head(), preferred_element_type=jnp.float32)
-        def grow(x, length_axis):  # room for the new tokens, then n rows per prompt
+        def grow(x, batch_axis, length_axis):  # room for the new tokens, then n rows per prompt
             pad = [(0, 0)] * x.ndim
             pad[length_axis] = (0, config.max_new_tokens)
-            return jnp.repeat(jnp.pad(x, pad), config.n, axis=0)
+            return jnp.repeat(jnp.pad(x, pad), config.n, axis=batch_axis)
 
-        cache = KVCache(k=tuple(grow(k, 2) for k in cache.k), v=tuple(grow(v, 2) for v in cache.v),
-                        valid=grow(cache.valid, 1), index=cache.index)
+        k, v = jax.tree.map(lambda x: grow(x, x.ndim - 4, x.ndim - 2), (cache.k, cache.v))
+        cache = KVCache(k=k, v=v, valid=grow(cache.valid, 0, 1), index=cache.index)
         caches.append(_constrain_cache(cache, mesh, rules))
         logits.append(jnp.repeat(last, config.n, axis=0))
     return tuple(caches), _combine(logits, config.proxy_alpha)

@@ -64,6 +64,7 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
     row = next((p for p in parts if p in ROWS), "bridge")
     c = common.base()
     c.dtype, c.param_dtype = "bfloat16", "float32"
+    c.remat, c.scan_layers = True, True  # 8k-token rollouts; one compiled block for 28-80 layers
     c.mesh.shape = mesh_shape
     c.tokenizer = student.hf_dir
     c.task = common.cd(name="math", options=common.cd(train_path=f"{DATA_DIR}/train.jsonl",
@@ -93,7 +94,7 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
 def _toy_scale(c, t) -> None:
     """toy.py's models, task, eval and stage sizes in this config's stage structure; toy.py's
     from-scratch SFT stages (teacher_sft, student_sft) come first, as in toy.py's rows."""
-    for key in ("dtype", "param_dtype", "mesh", "tokenizer", "task", "models", "eval", "checkpoint", "metrics"):
+    for key in ("dtype", "param_dtype", "remat", "scan_layers", "mesh", "tokenizer", "task", "models", "eval", "checkpoint", "metrics"):
         c[key] = t[key]
     for name, stage in t.stages.items():
         if name in c.stages:

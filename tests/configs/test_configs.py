@@ -113,7 +113,8 @@ PUBLISHED = {
 
 def abstract_model(c, slot: str, **override):
     arch = dict(c.models[slot].arch, **override)
-    cfg = ModelConfig(**arch, dtype=dtype_from_name(c.dtype), param_dtype=dtype_from_name(c.param_dtype))
+    cfg = ModelConfig(**arch, dtype=dtype_from_name(c.dtype), param_dtype=dtype_from_name(c.param_dtype),
+                      remat=c.remat, scan_layers=c.scan_layers)
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 

@@ -8,6 +8,7 @@ import hf_fixtures
 from bridge import models
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("family,overrides", [
     ("qwen3", {}),
     ("qwen3", dict(tie_word_embeddings=False, num_key_value_heads=3)),
@@ -15,9 +16,9 @@ from bridge import models
     ("llama", {}),
     ("llama", dict(rope_scaling=None, num_key_value_heads=6, tie_word_embeddings=True)),
 ])
-def test_logits_match_transformers(tmp_path, family, overrides):
+def test_logits_match_transformers(tmp_path, family, overrides, scan_layers):
     torch_model = hf_fixtures.tiny_hf_model(tmp_path, family, **overrides)
-    model = models.load_hf(str(tmp_path))
+    model = models.load_hf(str(tmp_path), scan_layers=scan_layers)
     assert model.config.family == family
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 13))
     ours = np.asarray(model(ids))
@@ -35,10 +36,11 @@ def test_left_padded_rows_match_unpadded(tmp_path):
     np.testing.assert_allclose(padded[0, 3:], alone[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
-def test_round_trip_through_transformers(tmp_path, family):
-    torch_model = hf_fixtures.tiny_hf_model(tmp_path / "in", family)
-    model = models.load_hf(str(tmp_path / "in"))
+@pytest.mark.parametrize("family,scan_layers", [("qwen3", False), ("qwen2", False), ("llama", False),
+                                                ("qwen3", True)])
+def test_round_trip_through_transformers(tmp_path, family, scan_layers):
+    torch_model = hf_fixtures.tiny_hf_model(tmp_path / "in", family, num_hidden_layers=3)
+    model = models.load_hf(str(tmp_path / "in"), scan_layers=scan_layers)
     models.save_hf(model, str(tmp_path / "out"), max_shard_bytes=20_000)  # force an index
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
@@ -47,6 +49,6 @@ def test_round_trip_through_transformers(tmp_path, family):
     assert set(ref) == set(got)
     for name in ref:
         np.testing.assert_array_equal(got[name].numpy(), ref[name].numpy(), err_msg=name)
-    again = models.load_hf(str(tmp_path / "out"))
+    again = models.load_hf(str(tmp_path / "out"), scan_layers=scan_layers)
     ids = np.arange(10)[None] % model.config.vocab_size
     np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))

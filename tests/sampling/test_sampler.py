@@ -17,9 +17,14 @@ PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 8, 7, 6, 5]
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
+def qwen3_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3")
-    torch_model = hf_fixtures.tiny_hf_model(path, "qwen3")
+    return path, hf_fixtures.tiny_hf_model(path, "qwen3")
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_path):
+    path, torch_model = qwen3_path
     return torch_model, models.load_hf(str(path))
 
 
@@ -194,6 +199,20 @@ def test_sharded_on_8_devices_equals_one_device(qwen3):
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
     np.testing.assert_array_equal(np.asarray(sharded.mask), np.asarray(single.mask))
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+def test_scanned_layers_sample_like_unrolled(qwen3, qwen3_path, mesh_shape):
+    """scan_layers keeps one stacked [L, B, Hkv, S, Dh] cache; same tokens as the unrolled model."""
+    _, model = qwen3
+    scanned = models.load_hf(str(qwen3_path[0]), scan_layers=True)
+    mesh = None if mesh_shape is None else mesh_lib.make_mesh(mesh_shape)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.95, n=2, seed=4, eos_ids=(17,))):
+        a = sampling.generate(model, PROMPTS, max_new_tokens=8, **kw)
+        b = sampling.generate(scanned, PROMPTS, max_new_tokens=8, mesh=mesh, **kw)
+        np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+        np.testing.assert_array_equal(np.asarray(b.mask), np.asarray(a.mask))
+        np.testing.assert_allclose(np.asarray(b.logprobs), np.asarray(a.logprobs), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
