@@ -212,7 +212,7 @@ def run_stage(ctx: Context, name: str, scfg, build: Callable) -> None:
     every = int(ctx.cfg.checkpoint.every)
     max_nonfinite = int(ctx.cfg.checkpoint.get("max_nonfinite", 3))
     _write_cursor(ctx, name, start)
-    with jax.set_mesh(ctx.mesh):
+    with sharding.use_mesh(ctx.mesh, ctx.rules):
         for step in tqdm(range(start, total), initial=start, total=total, desc=name,
                          disable=not ctx.cfg.metrics.progress, dynamic_ncols=True):
             t0 = time.perf_counter()

@@ -8,6 +8,8 @@ so odd head counts and vocabularies still shard.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
@@ -74,6 +76,34 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, shape: Sequence[i
     """Sharding of a [B, ...] batch array: B over the rule for "batch", the rest replicated
     (with `shape`, mesh axes that do not divide B are dropped)."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, shape, mesh))
+
+
+_ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar("bridge_sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
+    """`jax.set_mesh(mesh)` plus the logical-axis rules `constrain` maps activations with.
+
+    Trace jitted steps inside it. A jitted function's cache does not see the rules, so one
+    process should keep to one set of rules per mesh (as a run does)."""
+    token = _ACTIVE_RULES.set(tuple(rules or DEFAULT_RULES))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding by logical axes under the current mesh (no-op without
+    one). Without it, propagation from FSDP-sharded weights can shard activations along the
+    hidden dimension and keep every row on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, _ACTIVE_RULES.get() or DEFAULT_RULES, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

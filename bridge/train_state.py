@@ -70,17 +70,60 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def rows(batch) -> jax.Array:
+    """Default micro-batch weight: its row count (exact for losses that average over rows)."""
+    return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
+
+
+def accumulate_gradients(objective: Callable, params, batch, microbatches: int, weight: Callable = rows):
+    """((loss, metrics), grads) of `objective(params, batch)`, accumulated over micro-batches.
+
+    The rows of every batch array are split into k = `microbatches` strided slices (slice m
+    holds rows m, m+k, ...; with rows sharded over devices, every device keeps its share of
+    each slice) and a `lax.scan` keeps one slice's activations alive at a time:
+
+        L = sum_m (w_m / sum_j w_j) L_m,    grad L = sum_m (w_m / sum_j w_j) grad L_m
+
+    with w_m = weight(slice m). Rows for row-averaged losses, the slice's token count for
+    token-mean losses: then L and its gradient equal the whole batch's exactly (in exact
+    arithmetic). Metrics are averaged with the same weights.
+    """
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if microbatches == 1:
+        return grad_fn(params, batch)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    if n % microbatches:
+        raise ValueError(f"{n} rows do not split into {microbatches} micro-batches.")
+    slices = jax.tree.map(lambda x: x.reshape(n // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+    weights = jax.vmap(weight)(slices)
+    weights = weights / jnp.sum(weights)
+
+    def step(total, args):
+        piece, w = args
+        out = grad_fn(params, piece)
+        return jax.tree.map(lambda t, x: t + w * x.astype(t.dtype), total, out), None
+
+    zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], slices))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), zeros)
+    total, _ = jax.lax.scan(step, zeros, (slices, weights))
+    return total
+
+
 def make_update_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, *,
-                     state_sharding=None):
+                     state_sharding=None, microbatches: int = 1, microbatch_weight: Callable = rows):
     """jit((state, batch, frozen) -> (state, metrics)) with the state donated.
 
     metrics gain "loss", "grad_norm" and "update_skipped" (1.0 when this update was dropped).
+    microbatches > 1 accumulates the gradient over slices of the batch
+    (`accumulate_gradients`), trading steps for activation memory.
     """
     def step(state: TrainState, batch, frozen):
-        def objective(params):
+        def objective(params, batch):
             return loss_fn(nnx.merge(graphdef, params), batch, frozen)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, metrics), grads = accumulate_gradients(objective, state.params, batch, microbatches,
+                                                      microbatch_weight)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         finite = jnp.isfinite(loss) & _all_finite(grads)
 
         def apply(operands):

@@ -45,7 +45,7 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
            advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", entropy_coef=0.0,
-           minibatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
+           minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
            overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, optimizer=optimizer(lr))
     s.update(kw)
     return s
@@ -56,7 +56,7 @@ def sft_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigD
     s = cd(kind="sft", model=model, init="", steps=steps, source="teacher", teacher="teacher",
            loss="forward_kl", kl_temperature=1.0, task_options=ml_collections.ConfigDict(), pool_file="", pool_prompts=0, samples_per_prompt=8,
            sample_batch_size=64, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
-           batch_size=256, optimizer=optimizer(lr))
+           batch_size=256, microbatches=1, optimizer=optimizer(lr))
     s.update(kw)
     return s
 
@@ -68,7 +68,7 @@ def opd_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigD
            top_k_sampling=0, max_new_tokens=16, loss="sampled_reverse_kl", coef=1.0, lam=1.25,
            beta=0.5, top_k=0, teacher_temperature=1.0, advantage_norm="none", clip_low=0.2,
            clip_high=0.2, tip_keep_fraction=0.0, tip_alpha=1.0, tip_gamma=1.0, minibatches=1,
-           epochs=1, optimizer=optimizer(lr))
+           microbatches=1, epochs=1, optimizer=optimizer(lr))
     s.update(kw)
     return s
 

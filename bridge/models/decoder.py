@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from bridge.models.config import ModelConfig
+from bridge.sharding import constrain
 from kernels.attention.api import attention
 
 
@@ -58,6 +59,9 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+
+ACTIVATION_AXES = ("batch", "length", None)  # the residual stream: rows over the batch axes
 
 
 def _normal(rngs: nnx.Rngs, shape, std, dtype):
@@ -133,7 +137,8 @@ class Attention(nnx.Module):
         self.shape = (h, kv, hd)
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, write_index=None):
-        """x [B,T,D]; kv: this layer's cached (k, v) [B,Hkv,S,Dh] or None. Returns (out, kv)."""
+        """x [B,T,D]; mask (query_slots int[T], key_valid bool[B,S]) as in `kernels.attention`;
+        kv: this layer's cached (k, v) [B,Hkv,S,Dh] or None. Returns (out, kv)."""
         b, t, _ = x.shape
         h, nkv, hd = self.shape
         q = self.q_proj(x).reshape(b, t, h, hd)
@@ -149,7 +154,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, zero, write_index, zero))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, zero, write_index, zero))
             kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), *mask)
         return self.o_proj(out.reshape(b, t, h * hd)), kv
 
 
@@ -223,14 +228,12 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         inv_freq = rope_inverse_frequencies(cfg)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype)
-        if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & attention_mask[:, None, :]
+        x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype), ACTIVATION_AXES)
+        if cache is None:  # query t sees key s <= t that is not padding
+            mask = (jnp.arange(t), attention_mask)
         else:
-            slots = cache.index + jnp.arange(t)
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-            mask = (jnp.arange(cache.length)[None, :] <= slots[:, None])[None] & valid[:, None, :]
+            mask = (cache.index + jnp.arange(t), valid)
         run = self._scanned_blocks if cfg.scan_layers else self._unrolled_blocks
         x, kv = run(x, positions, inv_freq, mask, cache)
         x = self.norm(x)
@@ -244,6 +247,7 @@ class Decoder(nnx.Module):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             step = nnx.remat(type(layer).__call__) if self.config.remat else type(layer).__call__
             x, kv = step(layer, x, positions, inv_freq, mask, kv, None if cache is None else cache.index)
+            x = constrain(x, ACTIVATION_AXES)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -259,11 +263,12 @@ class Decoder(nnx.Module):
             x, i, kv = carry
             block = nnx.merge(graphdef, layer_params)
             if kv is None:
-                return (block(x, positions, inv_freq, mask)[0], i + 1, None), None
+                return (constrain(block(x, positions, inv_freq, mask)[0], ACTIVATION_AXES), i + 1, None), None
             ks, vs = kv
             layer_kv = (jax.lax.dynamic_index_in_dim(ks, i, keepdims=False),
                         jax.lax.dynamic_index_in_dim(vs, i, keepdims=False))
             x, (k, v) = block(x, positions, inv_freq, mask, layer_kv, cache.index)
+            x = constrain(x, ACTIVATION_AXES)
             zero = jnp.zeros((), jnp.int32)
             start = (i, zero, zero, cache.index, zero)
             new = lambda full: jax.lax.dynamic_slice_in_dim(full, cache.index, t, axis=2)[None]  # noqa: E731

@@ -319,7 +319,7 @@ class Sampler:
             prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch2)
             live = jax.device_put(live, shd.batch_sharding(self.mesh, 1, rules, live.shape))
             rng = jax.device_put(rng, shd.replicated(self.mesh))
-        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+        with contextlib.nullcontext() if self.mesh is None else shd.use_mesh(self.mesh, self.rules):
             caches, logits = self.prefill(states, prompt_tokens, prompt_mask)
             return self.decode(states, caches, logits, prompt_tokens, prompt_mask, live, rng)[0]
 

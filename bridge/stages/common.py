@@ -24,7 +24,9 @@ class Trainer:
     update: Callable  # (state, batch, frozen) -> (state, metrics)
 
 
-def make_trainer(ctx: runtime.Context, model, opt_cfg, loss_fn: Callable, total_updates: int) -> Trainer:
+def make_trainer(ctx: runtime.Context, model, opt_cfg, loss_fn: Callable, total_updates: int, *,
+                 microbatches: int = 1, microbatch_weight: Callable = train_state.rows) -> Trainer:
+    """The stage's state on the mesh and its jitted update step (see `train_state`)."""
     graphdef, params = nnx.split(model)
     params = jax.tree.map(jnp.copy, params)  # the stage owns (and donates) its own buffers
     opt_cfg = dict(opt_cfg.to_dict() if hasattr(opt_cfg, "to_dict") else opt_cfg)
@@ -33,7 +35,8 @@ def make_trainer(ctx: runtime.Context, model, opt_cfg, loss_fn: Callable, total_
     state = train_state.init_state(params, tx)
     shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
     state = jax.device_put(state, shardings)
-    update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=shardings)
+    update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=shardings,
+                                          microbatches=int(microbatches), microbatch_weight=microbatch_weight)
     return Trainer(graphdef, state, update)
 
 
@@ -41,6 +44,18 @@ class _Cfg(dict):
     """dict with attribute access, for `make_optimizer`."""
 
     __getattr__ = dict.__getitem__
+
+
+def token_count(weight_key: str | None = None) -> Callable:
+    """Micro-batch weight of a token-mean loss: sum of the loss mask (times batch[weight_key],
+    per row when 1-D, per token when 2-D)."""
+    def count(batch):
+        mask = batch["mask"].astype(jnp.float32)
+        if weight_key is not None:
+            w = batch[weight_key]
+            mask = mask * (w[:, None] if w.ndim == 1 else w)
+        return jnp.sum(mask)
+    return count
 
 
 def frozen_state(model):

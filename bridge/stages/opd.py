@@ -65,7 +65,8 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     split = [nnx.split(t) for t in teachers]
     graphdefs, teacher_states = [g for g, _ in split], [s for _, s in split]
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, graphdefs, weights),
-                                  scfg.steps * scfg.epochs * scfg.minibatches)
+                                  scfg.steps * scfg.epochs * scfg.minibatches, microbatches=scfg.microbatches,
+                                  microbatch_weight=common.token_count("token_weight"))
     base_state = jax.tree.map(jnp.copy, nnx.split(model)[1]) if scfg.loss == "exopd" else None
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
     score_student = jax.jit(lambda s, b: scoring.completion_logprobs(

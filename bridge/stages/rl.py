@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, scoring
+from bridge import advantages as adv_lib, losses, runtime, scoring, train_state
 from bridge.stages import common
 from bridge.tasks import soft_overlong_penalty
 
@@ -132,7 +132,9 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         raise ValueError(f"Stage {name!r}: kl_mode must be 'loss' or 'reward', not {scfg.kl_mode!r}.")
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
-    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates)
+    weight = common.token_count("row_weight") if scfg.aggregation == "token-mean" else train_state.rows
+    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates,
+                                  microbatches=scfg.microbatches, microbatch_weight=weight)
     reference = common.frozen_state(model) if scfg.kl_coef > 0 else None
     if reference is not None:
         reference = jax.tree.map(jnp.copy, reference)

@@ -121,7 +121,8 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     model = ctx.model(scfg.get("init") or scfg.model)
     pool = load_or_build_pool(ctx, name, scfg, teacher)
     teacher_graphdef, teacher_state = (nnx.split(teacher) if teacher is not None else (None, None))
-    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, teacher_graphdef), scfg.steps)
+    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, teacher_graphdef), scfg.steps,
+                                  microbatches=scfg.microbatches, microbatch_weight=common.token_count())
     rows = len(pool["tokens"])
     bs = int(scfg.batch_size)
     if bs > rows:

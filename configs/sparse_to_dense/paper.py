@@ -36,7 +36,7 @@ ROWS = {
 SCALES = ("toy", "smoke")
 VARIANTS = SCALES + tuple(ROWS)
 # Stage keys a toy/smoke scale takes from toy.py; every other stage key keeps this structure.
-SCALE_KEYS = ("steps", "optimizer", "prompts_per_step", "group_size", "minibatches", "max_new_tokens",
+SCALE_KEYS = ("steps", "optimizer", "prompts_per_step", "group_size", "minibatches", "microbatches", "max_new_tokens",
               "batch_size", "pool_prompts", "samples_per_prompt", "sample_batch_size")
 
 
@@ -71,13 +71,15 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
                                                       test_path=f"{DATA_DIR}/math500.jsonl", chat=True))
     c.models.teacher, c.models.student = copy.deepcopy(teacher), copy.deepcopy(student)
     opt = lambda lr: common.optimizer(lr, b2=0.999, weight_decay=0.01)  # noqa: E731  (one per stage)
-    rl = dict(prompts_per_step=64, group_size=8, minibatches=4, max_new_tokens=max_new_tokens)
+    # 128 rows per optimizer update (RL), 64 (OPD, warmup): micro-batches of 8 rows, one
+    # 8.7k-token row per device on an 8-way batch axis, keep activations to one sequence.
+    rl = dict(prompts_per_step=64, group_size=8, minibatches=4, microbatches=16, max_new_tokens=max_new_tokens)
     c.stages.teacher_rl = common.rl_stage("teacher", lr, 200, optimizer=opt(lr), **rl)
     c.stages.warmup = common.sft_stage("student", 1e-5, 128, teacher="teacher", pool_prompts=2048,
-                                       samples_per_prompt=4, sample_batch_size=64, batch_size=64,
+                                       samples_per_prompt=4, sample_batch_size=64, batch_size=64, microbatches=8,
                                        max_new_tokens=max_new_tokens, optimizer=opt(1e-5))
     c.stages.opd = common.opd_stage("student", lr, 100, teacher="teacher", prompts_per_step=64, group_size=4,
-                                    minibatches=4, max_new_tokens=max_new_tokens, optimizer=opt(lr))
+                                    minibatches=4, microbatches=8, max_new_tokens=max_new_tokens, optimizer=opt(lr))
     c.stages.student_rl = common.rl_stage("student", lr, 200 if row == "direct_grpo" else 100,
                                           optimizer=opt(lr), **rl)
     c.pipeline.stages = ROWS[row]

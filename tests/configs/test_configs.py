@@ -178,7 +178,8 @@ def stage_update(c, name: str, mesh, rules, models: dict, completion: int | None
         rows, frozen = s.prompts_per_step * s.group_size // s.minibatches, [t for _, t in split]
     if frozen is not None:
         frozen = spec_like(frozen, sharding.state_shardings(frozen, mesh, rules))
-    update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=state_sharding)
+    update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=state_sharding,
+                                          microbatches=s.microbatches)
     batch = batch_specs(mesh, rules, rows, completion or s.max_new_tokens, s.kind, s)
     return update, (spec_like(state, state_sharding), batch, frozen)
 

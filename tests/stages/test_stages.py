@@ -81,7 +81,7 @@ def test_opd_full_vocabulary_loss_equals_objectives_library(kind):
     np.testing.assert_allclose(float(loss), float(losses.masked_mean(per_token, batch["mask"])), rtol=1e-5)
 
 
-def _one_rl_update(devices):
+def _one_rl_update(devices, microbatches=1):
     mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
     scfg = common.rl_stage("student", 1e-2, 1)
     graphdef, params = nnx.split(tiny_model())
@@ -89,7 +89,8 @@ def _one_rl_update(devices):
     state = train_state.init_state(params, tx)
     sh = train_state.state_shardings(state, mesh, None)
     state = jax.device_put(state, sh)
-    step = train_state.make_update_step(graphdef, rl.make_loss_fn(scfg), tx, state_sharding=sh)
+    step = train_state.make_update_step(graphdef, rl.make_loss_fn(scfg), tx, state_sharding=sh,
+                                        microbatches=microbatches)
     batch = {k: jnp.asarray(v) for k, v in hand_batch().items()}
     with jax.set_mesh(mesh):
         batch = {k: jax.device_put(v, runtime.sharding.batch_sharding(mesh, v.ndim, shape=v.shape))
@@ -98,11 +99,48 @@ def _one_rl_update(devices):
     return jax.device_get(new.params), jax.device_get(metrics)
 
 
-def test_update_step_on_8_devices_equals_1_device():
-    one_params, one_metrics = _one_rl_update(jax.devices()[:1])
-    eight_params, eight_metrics = _one_rl_update(jax.devices())
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_update_step_on_8_devices_equals_1_device(microbatches):
+    one_params, one_metrics = _one_rl_update(jax.devices()[:1], microbatches)
+    eight_params, eight_metrics = _one_rl_update(jax.devices(), microbatches)
     chex.assert_trees_all_close(one_params, eight_params, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(one_metrics["loss"], eight_metrics["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("rl", dict(aggregation="token-mean", kl_coef=0.1)),
+    ("rl", dict(aggregation="seq-mean-token-sum", loss="gspo")),
+    ("opd", dict(loss="sampled_reverse_kl")),
+    ("opd", dict(loss="jsd")),
+    ("sft", dict(loss="forward_kl")),
+])
+def test_microbatches_accumulate_the_whole_batch_gradient(kind, overrides):
+    """k strided slices weighted by their token counts (token-mean) or rows: the same loss,
+    gradient and metrics as one pass over the batch (rows 2-3 of the hand batch are empty)."""
+    from bridge.stages import common as stage_common, sft
+
+    student, teacher = tiny_model(0), tiny_model(1, layers=2)
+    graphdef, params = nnx.split(student)
+    t_graphdef, t_state = nnx.split(teacher)
+    if kind == "rl":
+        scfg = common.rl_stage("student", 1e-3, 1, **overrides)
+        loss_fn, frozen = rl.make_loss_fn(scfg), None
+        weight = stage_common.token_count("row_weight") if scfg.aggregation == "token-mean" else train_state.rows
+    elif kind == "opd":
+        loss_fn, frozen = opd.make_loss_fn(common.opd_stage("student", 1e-3, 1, **overrides), [t_graphdef], [1.0]), [t_state]
+        weight = stage_common.token_count("token_weight")
+    else:
+        loss_fn, frozen = sft.make_loss_fn(common.sft_stage("student", 1e-3, 1, **overrides), t_graphdef), t_state
+        weight = stage_common.token_count()
+    batch = {k: jnp.asarray(v) for k, v in hand_batch().items()}
+    objective = lambda p, b: loss_fn(nnx.merge(graphdef, p), b, frozen)  # noqa: E731
+    whole = jax.jit(lambda p, b: train_state.accumulate_gradients(objective, p, b, 1))(params, batch)
+    for k in (2, 4):
+        sliced = jax.jit(lambda p, b: train_state.accumulate_gradients(objective, p, b, k, weight))(params, batch)
+        chex.assert_trees_all_close(sliced[0][0], whole[0][0], rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(sliced[1], whole[1], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="8 rows do not split into 3 micro-batches"):
+        train_state.accumulate_gradients(objective, params, batch, 3)
 
 
 def test_update_step_skips_nonfinite_loss():
