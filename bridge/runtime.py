@@ -143,7 +143,7 @@ def make_context(cfg, workdir: str) -> Context:
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(cfg, workdir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.mesh.rules)
+    rules = sharding.as_rules(cfg.mesh.rules)
     tokenizer = _tokenizer(cfg.tokenizer)
     task = tasks.get_task(cfg.task.name, **cfg.task.options.to_dict())
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard,

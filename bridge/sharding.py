@@ -31,6 +31,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def as_rules(rules) -> tuple:
+    """Rules as hashable tuples (configs and JSON give lists)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+
+
 def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES, shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None) -> P:
     """PartitionSpec for an array with the given logical axes (and, with shape+mesh, divisibility)."""

@@ -384,7 +384,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     split = [nnx.split(m) for m in models]
     graphdefs = tuple(g for g, _ in split)
     states = tuple(s for _, s in split)
-    rules = None if rules is None else tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+    rules = None if rules is None else shd.as_rules(rules)
     sampler = _sampler_for(graphdefs, config, mesh, rules)
 
     shards = 1

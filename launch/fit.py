@@ -1,0 +1,66 @@
+"""Does a config fit its accelerators? Compiles every trained stage's update step against
+abstract shapes on the config's mesh and prints per-device memory; nothing is allocated.
+
+    python -m launch.fit --config=configs/sparse_to_dense/llama31_8b_math.py --devices=64 --hbm_gib=80
+
+On a CPU-only machine --devices fakes that many host devices, so a laptop checks a pod's
+shapes, shardings and memory in seconds a stage. Exits 1 when a stage needs more than
+--hbm_gib per device (when given). See `bridge.abstract` for what the numbers mean.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: path.py[:variant].",
+                                          lock_config=True)
+_DEVICES = flags.DEFINE_integer("devices", 0, "Fake this many CPU devices (0: the machine's devices).")
+_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Accelerator memory per device, GiB (0: no verdict).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (left-padded bucket).")
+_COMPLETION = flags.DEFINE_integer("completion", 0, "Completion tokens per row (0: each stage's max_new_tokens).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if _DEVICES.value:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={_DEVICES.value}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from bridge import abstract, sharding
+    from bridge.mesh import make_mesh
+
+    c = _CONFIG.value
+    with cli.user_errors():
+        mesh = make_mesh(tuple(c.mesh.shape))
+        rules = sharding.as_rules(c.mesh.rules)
+        models = abstract.abstract_models(c)
+        trained = [n for n in c.pipeline.stages if c.stages[n].kind in ("rl", "sft", "opd")]
+        print(f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; "
+              f"GiB per device")
+        print("| stage | rows/update | micro-batches | tokens/row | arguments | temporaries | total | fits |")
+        print("|---|---:|---:|---:|---:|---:|---:|:---:|")
+        over = []
+        for name in trained:
+            m = abstract.stage_memory(c, name, mesh, rules, models, prompt_len=_PROMPT_LEN.value,
+                                      completion=_COMPLETION.value or None)
+            fits = "-" if not _HBM.value else ("yes" if m.total_gib <= _HBM.value else "no")
+            if fits == "no":
+                over.append(name)
+            print(f"| {name} | {m.rows} | {m.microbatches} | {m.tokens_per_row} | {m.arguments_gib:.2f} | "
+                  f"{m.temp_gib:.2f} | {m.total_gib:.2f} | {fits} |", flush=True)
+    if over:
+        print(f"over {_HBM.value:g} GiB per device: {', '.join(over)} (raise microbatches, shard wider, "
+              "or turn on remat)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main, flags_parser=cli.parse_flags))
