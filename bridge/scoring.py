@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from bridge.sharding import join_rows, split_rows
 from kernels.logprobs import token_divergence, token_logprobs
 
 BATCH_AXES = ("data", "fsdp")
@@ -36,6 +37,19 @@ def batch_parallel(fn, batch_args: tuple, shared_args: tuple):
     spec = P(axes)
     return jax.shard_map(fn, in_specs=(spec,) * len(batch_args) + (P(),) * len(shared_args),
                          out_specs=spec)(*batch_args, *shared_args)
+
+
+def in_slices(fn, slices: int):
+    """fn(params, batch) -> arrays [R, ...], computed one strided slice of rows at a time
+    (`lax.map` over `bridge.sharding.split_rows`), so only one slice's activations are alive;
+    outputs come back in the batch's row order."""
+    if slices == 1:
+        return fn
+
+    def sliced(params, batch):
+        return join_rows(jax.lax.map(lambda piece: fn(params, piece), split_rows(batch, slices)))
+
+    return sliced
 
 
 def completion_hidden(model, batch) -> jax.Array:

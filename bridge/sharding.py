@@ -77,6 +77,21 @@ def shard_state(state, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
+def split_rows(tree, k: int):
+    """Arrays [R, ...] -> [k, R / k, ...]: slice m holds rows m, m + k, m + 2k, ... With rows
+    sharded in contiguous blocks over devices, every device keeps its share of every slice,
+    so looping over slices moves no data."""
+    rows = jax.tree.leaves(tree)[0].shape[0]
+    if rows % k:
+        raise ValueError(f"{rows} rows do not split into {k} micro-batches.")
+    return jax.tree.map(lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def join_rows(tree):
+    """Inverse of `split_rows`: [k, R / k, ...] -> [R, ...] in the original row order."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, shape: Sequence[int] | None = None) -> NamedSharding:
     """Sharding of a [B, ...] batch array: B over the rule for "batch", the rest replicated
     (with `shape`, mesh axes that do not divide B are dropped)."""

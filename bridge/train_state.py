@@ -91,10 +91,7 @@ def accumulate_gradients(objective: Callable, params, batch, microbatches: int, 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if microbatches == 1:
         return grad_fn(params, batch)
-    n = jax.tree.leaves(batch)[0].shape[0]
-    if n % microbatches:
-        raise ValueError(f"{n} rows do not split into {microbatches} micro-batches.")
-    slices = jax.tree.map(lambda x: x.reshape(n // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+    slices = sharding_lib.split_rows(batch, microbatches)
     weights = jax.vmap(weight)(slices)
     weights = weights / jnp.sum(weights)
 

@@ -40,12 +40,17 @@ def base() -> ml_collections.ConfigDict:
 
 
 def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
-    """GRPO defaults (token-mean, clip 0.2, group 8, T=1); override for DAPO/Dr.GRPO/GSPO/..."""
+    """GRPO defaults (token-mean, clip 0.2, group 8, T=1); override for DAPO/Dr.GRPO/GSPO/...
+
+    Batching: prompts_per_step * group_size rollout rows per step, sampled sample_batch_size
+    prompts at a time (0: all); minibatches optimizer updates per step, each accumulated over
+    microbatches slices of its rows (the scoring passes use slices of the same size).
+    """
     s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, group_size=8,
            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
            advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", entropy_coef=0.0,
-           minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
+           sample_batch_size=0, minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
            overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, optimizer=optimizer(lr))
     s.update(kw)
     return s
@@ -67,8 +72,8 @@ def opd_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigD
            teacher_weights=(), prompts_per_step=32, group_size=8, temperature=1.0, top_p=1.0,
            top_k_sampling=0, max_new_tokens=16, loss="sampled_reverse_kl", coef=1.0, lam=1.25,
            beta=0.5, top_k=0, teacher_temperature=1.0, advantage_norm="none", clip_low=0.2,
-           clip_high=0.2, tip_keep_fraction=0.0, tip_alpha=1.0, tip_gamma=1.0, minibatches=1,
-           microbatches=1, epochs=1, optimizer=optimizer(lr))
+           clip_high=0.2, tip_keep_fraction=0.0, tip_alpha=1.0, tip_gamma=1.0, sample_batch_size=0,
+           minibatches=1, microbatches=1, epochs=1, optimizer=optimizer(lr))
     s.update(kw)
     return s
 

@@ -362,9 +362,9 @@ def _sampler_for(graphdefs, config, mesh, rules) -> Sampler:
     return _SAMPLERS[key]
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, eos_ids: Sequence[int] = (),
-             pad_id: int = 0, n: int = 1, seed: int = 0, mesh=None, rules=None, proxy=None) -> SampleOutput:
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] | None = (), seed: int = 0, *,
+             min_p: float = 0.0, pad_id: int = 0, n: int = 1, mesh=None, rules=None, proxy=None) -> SampleOutput:
     """Samples `n` completions for each ragged prompt; rows are prompt-major (b * n + j).
 
     temperature 0 is greedy. proxy=(expert_model, antiexpert_model, alpha) adds
@@ -378,7 +378,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token.")
     alpha = 0.0 if proxy is None else float(proxy[2])
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                            top_k=int(top_k), min_p=float(min_p), eos_ids=tuple(int(e) for e in eos_ids),
+                            top_k=int(top_k), min_p=float(min_p), eos_ids=tuple(int(e) for e in eos_ids or ()),
                             pad_id=int(pad_id), n=int(n), proxy_alpha=alpha)
     models = (model,) if proxy is None else (model, proxy[0], proxy[1])
     split = [nnx.split(m) for m in models]

@@ -76,14 +76,26 @@ def current_model(trainer: Trainer, state: train_state.TrainState):
 
 
 def sample_rollout(ctx: runtime.Context, model, examples: Sequence, *, n: int, temperature: float,
-                   top_p: float, top_k: int, max_new_tokens: int, seed: int) -> dict:
+                   top_p: float, top_k: int, max_new_tokens: int, seed: int, chunk_prompts: int = 0) -> dict:
     """Samples n completions per prompt and scores them with the task's verifier.
 
     Returns host arrays: prompt_tokens/prompt_mask [R, P], tokens/mask [R, N], sample_logp [R, N],
     rewards/format_ok/truncated [R] (R = len(examples) * n, prompt-major), plus "texts" and
-    "examples" lists and "sample_tokens_per_s".
+    "examples" lists and "sample_tokens_per_s". With chunk_prompts > 0 the prompts are sampled
+    that many at a time (the KV cache of one chunk is alive at once), chunk j from seed + j.
     """
+    chunk = int(chunk_prompts) or len(examples)
     t0 = time.perf_counter()
+    parts = [_sample_chunk(ctx, model, examples[j:j + chunk], n=n, temperature=temperature, top_p=top_p,
+                           top_k=top_k, max_new_tokens=max_new_tokens, seed=seed + j)
+             for j in range(0, len(examples), chunk)]
+    out = concat_rollouts(parts)
+    out["sample_tokens_per_s"] = float(out["lengths"].sum()) / max(time.perf_counter() - t0, 1e-9)
+    return out
+
+
+def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, *, n: int, temperature: float,
+                  top_p: float, top_k: int, max_new_tokens: int, seed: int) -> dict:
     out = sampling.generate(model, [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, n=n, seed=seed,
@@ -91,7 +103,6 @@ def sample_rollout(ctx: runtime.Context, model, examples: Sequence, *, n: int, t
     host = jax.device_get({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
                            "tokens": out.tokens, "mask": out.mask, "sample_logp": out.logprobs,
                            "finish_reason": out.finish_reason, "lengths": out.lengths})
-    elapsed = time.perf_counter() - t0
     texts = runtime.decode_completions(ctx.tokenizer, host["tokens"], host["mask"], ctx.eos_ids)
     rows = [e for e in examples for _ in range(n)]
     truncated = host["finish_reason"] == sampling.FINISH_LENGTH
@@ -103,8 +114,26 @@ def sample_rollout(ctx: runtime.Context, model, examples: Sequence, *, n: int, t
         "rewards": np.array([r.score for r in results], np.float32),
         "format_ok": np.array([r.format_ok for r in results], np.float32),
         "texts": texts, "examples": rows,
-        "sample_tokens_per_s": float(host["lengths"].sum()) / max(elapsed, 1e-9),
     }
+
+
+def concat_rollouts(parts: list[dict]) -> dict:
+    """Joins rollouts, padding prompt/completion arrays to the widest (left/right padding)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    p = max(x["prompt_tokens"].shape[1] for x in parts)
+    for k in parts[0]:
+        vals = [x[k] for x in parts]
+        if k in ("prompt_tokens", "prompt_mask"):
+            vals = [np.pad(v, ((0, 0), (p - v.shape[1], 0))) for v in vals]
+        elif isinstance(vals[0], np.ndarray) and vals[0].ndim == 2:
+            n = max(v.shape[1] for v in vals)
+            vals = [np.pad(v, ((0, 0), (0, n - v.shape[1]))) for v in vals]
+        out[k] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else (
+            sum(vals, []) if isinstance(vals[0], list) else float(np.mean(vals)))
+    return out
+
 
 
 ARRAY_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")

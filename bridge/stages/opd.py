@@ -69,10 +69,11 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
                                   microbatch_weight=common.token_count("token_weight"))
     base_state = jax.tree.map(jnp.copy, nnx.split(model)[1]) if scfg.loss == "exopd" else None
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
-    score_student = jax.jit(lambda s, b: scoring.completion_logprobs(
-        nnx.merge(trainer.graphdef, s), b, temperature, return_entropy=True))
-    score_teachers = [jax.jit(lambda s, b, g=g: scoring.completion_logprobs(
-        nnx.merge(g, s), b, scfg.teacher_temperature)) for g in graphdefs]
+    slices = scfg.minibatches * scfg.microbatches  # scored in slices of an update micro-batch's rows
+    score_student = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
+        nnx.merge(trainer.graphdef, s), b, temperature, return_entropy=True), slices))
+    score_teachers = [jax.jit(scoring.in_slices(lambda s, b, g=g: scoring.completion_logprobs(
+        nnx.merge(g, s), b, scfg.teacher_temperature), slices)) for g in graphdefs]
     data = ctx.prompts(name, scfg.prompts_per_step)
 
     def step(state, i):
@@ -80,7 +81,8 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         roll = common.sample_rollout(ctx, common.current_model(trainer, state), next(data).examples,
                                      n=scfg.group_size, temperature=scfg.temperature, top_p=scfg.top_p,
-                                     top_k=scfg.top_k_sampling, max_new_tokens=scfg.max_new_tokens, seed=seed)
+                                     top_k=scfg.top_k_sampling, max_new_tokens=scfg.max_new_tokens, seed=seed,
+                                     chunk_prompts=scfg.sample_batch_size)
         batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
         mask = batch["mask"].astype(jnp.float32)
         old_logp, entropy = score_student(state.params, batch)

@@ -76,24 +76,6 @@ def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
     return grouped.max(axis=1) > grouped.min(axis=1)
 
 
-def concat_rollouts(parts: list[dict]) -> dict:
-    """Joins rollouts, padding prompt/completion arrays to the widest (left/right padding)."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    p = max(x["prompt_tokens"].shape[1] for x in parts)
-    for k in parts[0]:
-        vals = [x[k] for x in parts]
-        if k in ("prompt_tokens", "prompt_mask"):
-            vals = [np.pad(v, ((0, 0), (p - v.shape[1], 0))) for v in vals]
-        elif isinstance(vals[0], np.ndarray) and vals[0].ndim == 2:
-            n = max(v.shape[1] for v in vals)
-            vals = [np.pad(v, ((0, 0), (0, n - v.shape[1]))) for v in vals]
-        out[k] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else (
-            sum(vals, []) if isinstance(vals[0], list) else float(np.mean(vals)))
-    return out
-
-
 def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
     """Rollouts for one step and a row weight [R] (0 on groups DAPO's filter drops).
 
@@ -107,8 +89,8 @@ def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
         examples = next(data).examples
         seed = int(jax.random.randint(jax.random.fold_in(rng, attempt), (), 0, 2**31 - 1))
         roll = common.sample_rollout(ctx, model, examples, n=n, temperature=scfg.temperature,
-                                     top_p=scfg.top_p, top_k=scfg.top_k,
-                                     max_new_tokens=scfg.max_new_tokens, seed=seed)
+                                     top_p=scfg.top_p, top_k=scfg.top_k, max_new_tokens=scfg.max_new_tokens,
+                                     seed=seed, chunk_prompts=scfg.sample_batch_size)
         roll["rewards_shaped"] = shaped_rewards(roll, scfg)
         if not scfg.dynamic_sampling:
             return roll, np.ones(len(roll["rewards"]), np.float32)
@@ -119,7 +101,7 @@ def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
             break
     groups = (kept + spare)[: scfg.prompts_per_step]
     weight = np.repeat([1.0 if i < len(kept) else 0.0 for i in range(len(groups))], n).astype(np.float32)
-    return concat_rollouts(groups), weight
+    return common.concat_rollouts(groups), weight
 
 
 def _group(roll: dict, g: int, n: int) -> dict:
@@ -139,8 +121,10 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     if reference is not None:
         reference = jax.tree.map(jnp.copy, reference)
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
-    score = jax.jit(lambda state, batch: scoring.completion_logprobs(
-        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True))
+    # Scored in slices of an update micro-batch's rows: the same activation memory as training.
+    score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
+        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True),
+        scfg.minibatches * scfg.microbatches))
     data = ctx.prompts(name, scfg.prompts_per_step)
     estimator = adv_lib.advantage_estimator(scfg.advantage)
 

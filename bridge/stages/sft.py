@@ -59,15 +59,10 @@ def file_pool(ctx: runtime.Context, path: str) -> dict:
 
 def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, name: str) -> dict:
     """`samples_per_prompt` teacher samples per prompt, drawn in chunks."""
-    parts = []
-    chunk = int(scfg.sample_batch_size)
-    for j in range(0, len(examples), chunk):
-        roll = common.sample_rollout(ctx, teacher, examples[j:j + chunk], n=scfg.samples_per_prompt,
-                                     temperature=scfg.temperature, top_p=scfg.top_p, top_k=scfg.top_k,
-                                     max_new_tokens=scfg.max_new_tokens, seed=int(ctx.cfg.seed) * 7919 + j)
-        parts.append({k: roll[k] for k in common.ARRAY_KEYS + ("rewards",)})
-    from bridge.stages.rl import concat_rollouts
-    return concat_rollouts(parts)
+    roll = common.sample_rollout(ctx, teacher, examples, n=scfg.samples_per_prompt, temperature=scfg.temperature,
+                                 top_p=scfg.top_p, top_k=scfg.top_k, max_new_tokens=scfg.max_new_tokens,
+                                 seed=int(ctx.cfg.seed) * 7919, chunk_prompts=scfg.sample_batch_size)
+    return {k: roll[k] for k in common.ARRAY_KEYS + ("rewards",)}
 
 
 def load_or_build_pool(ctx, name, scfg, teacher) -> dict:

@@ -4,13 +4,13 @@ Llama-3.1-8B-Instruct student (one shared 128256-token vocabulary).
     python -m launch.train --config=configs/sparse_to_dense/llama31_8b_math.py --workdir=/ckpt/l3
     python -m launch.train --config=configs/sparse_to_dense/llama31_8b_math.py:raw_teacher ...
 
-arg: comma-separated variants; rows and scales as in `paper`. GRPO lr 1e-6, group 8,
+arg: comma-separated variants; rows and scales as in `configs/sparse_to_dense_paper.py`. GRPO lr 1e-6, group 8,
 token-mean; eval 16 samples per problem at Llama's generation defaults (T=0.6, top-p 0.9).
 Mesh: 8-way tensor parallel inside a host, FSDP across hosts (the 70B teacher's float32
 params and Adam moments need several 8-GPU hosts or a TPU pod slice).
 """
 
-from configs.sparse_to_dense import paper
+from configs import sparse_to_dense_paper as paper
 
 VARIANTS, ROWS = paper.VARIANTS, paper.ROWS
 

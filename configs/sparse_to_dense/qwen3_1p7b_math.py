@@ -4,13 +4,13 @@
     python -m launch.train --config=configs/sparse_to_dense/qwen3_1p7b_math.py:no_warmup ...
     python -m launch.train --config=configs/sparse_to_dense/qwen3_1p7b_math.py:toy,direct_grpo ...
 
-arg: comma-separated variants; rows and scales as in `paper` (bridge | direct_grpo |
+arg: comma-separated variants; rows and scales as in `configs/sparse_to_dense_paper.py` (bridge | direct_grpo |
 raw_teacher | no_warmup | no_opd; toy | smoke). GRPO lr 1e-6, group 8, token-mean; eval 16
 samples per problem at T=0.7, top-p 0.8, top-k 20 (Qwen3's non-thinking sampling). One 8-GPU
 host or a TPU slice, pure FSDP.
 """
 
-from configs.sparse_to_dense import paper
+from configs import sparse_to_dense_paper as paper
 
 VARIANTS, ROWS = paper.VARIANTS, paper.ROWS
 

@@ -42,6 +42,13 @@ def variant_args(module) -> list[str]:
 CASES = [(name, arg) for name in CONFIG_MODULES for arg in variant_args(importlib.import_module(name))]
 
 
+def test_every_family_module_is_an_experiment():
+    """configs/<family>/<name>.py are experiments (get_config); shared helpers live in configs/."""
+    for path in (ROOT / "configs").glob("*/*.py"):
+        if path.name != "__init__.py":
+            assert "def get_config(" in path.read_text(), path
+
+
 def test_config_modules_found():
     assert set(PAPER_MODULES) | {"configs.sparse_to_dense.toy"} <= set(CONFIG_MODULES)
 

@@ -164,6 +164,17 @@ def test_seed_reproducible_and_different_seeds_differ(qwen3):
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 
 
+def test_positional_arguments_in_design_order(qwen3):
+    """generate(model, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids, seed)."""
+    _, model = qwen3
+    by_name = sampling.generate(model, PROMPTS, max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=5,
+                                eos_ids=[17], seed=3)
+    by_position = sampling.generate(model, PROMPTS, 6, 0.8, 0.9, 5, [17], 3)
+    np.testing.assert_array_equal(np.asarray(by_position.tokens), np.asarray(by_name.tokens))
+    no_eos = sampling.generate(model, PROMPTS, 6, 0.0, eos_ids=None)
+    assert no_eos.tokens.shape == (len(PROMPTS), 6)
+
+
 def test_top_k_1_equals_greedy(qwen3):
     _, model = qwen3
     greedy = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)

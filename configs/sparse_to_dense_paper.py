@@ -73,13 +73,16 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
     opt = lambda lr: common.optimizer(lr, b2=0.999, weight_decay=0.01)  # noqa: E731  (one per stage)
     # 128 rows per optimizer update (RL), 64 (OPD, warmup): micro-batches of 8 rows, one
     # 8.7k-token row per device on an 8-way batch axis, keep activations to one sequence.
-    rl = dict(prompts_per_step=64, group_size=8, minibatches=4, microbatches=16, max_new_tokens=max_new_tokens)
+    # Rollouts are sampled 128 rows at a time (the KV cache of one chunk is alive at once).
+    rl = dict(prompts_per_step=64, group_size=8, sample_batch_size=16, minibatches=4, microbatches=16,
+              max_new_tokens=max_new_tokens)
     c.stages.teacher_rl = common.rl_stage("teacher", lr, 200, optimizer=opt(lr), **rl)
     c.stages.warmup = common.sft_stage("student", 1e-5, 128, teacher="teacher", pool_prompts=2048,
                                        samples_per_prompt=4, sample_batch_size=64, batch_size=64, microbatches=8,
                                        max_new_tokens=max_new_tokens, optimizer=opt(1e-5))
     c.stages.opd = common.opd_stage("student", lr, 100, teacher="teacher", prompts_per_step=64, group_size=4,
-                                    minibatches=4, microbatches=8, max_new_tokens=max_new_tokens, optimizer=opt(lr))
+                                    sample_batch_size=32, minibatches=4, microbatches=8,
+                                    max_new_tokens=max_new_tokens, optimizer=opt(lr))
     c.stages.student_rl = common.rl_stage("student", lr, 200 if row == "direct_grpo" else 100,
                                           optimizer=opt(lr), **rl)
     c.pipeline.stages = ROWS[row]
