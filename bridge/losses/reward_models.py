@@ -19,16 +19,21 @@ def implicit_token_rewards(logp, ref_logp, mask, beta=0.05):
     return masked_values(beta * (logp - ref_logp), mask)
 
 
-def implicit_prm_ce_loss(logp, ref_logp, mask, labels, beta=0.05):
+def implicit_prm_ce_loss(logp, ref_logp, mask, labels, beta=0.05, *, return_token_rewards=False):
     """Cross-entropy loss of the implicit PRM (Yuan et al. 2024; PRIME, Cui et al. 2025).
 
-        z_b  = beta * sum_t m_t (logp_t - ref_logp_t)
+        r_bt = beta * m_bt (logp_bt - ref_logp_bt)          per-token implicit rewards
+        z_b  = sum_t r_bt
         loss = mean_b [ softplus(z_b) - y_b * z_b ]  = BCE(sigmoid(z_b), y_b),  y_b in {0, 1}
 
-    The per-token rewards beta * (logp - ref_logp) come from `implicit_token_rewards`.
     Metrics: loss, accuracy (sign of z_b agrees with y_b), reward_mean (mean z_b).
+    Returns (loss, metrics); with ``return_token_rewards=True`` (a Python bool) returns
+    (loss, metrics, token_rewards): the float[B, T] r_bt from the same forward pass (0 off
+    the mask, differentiable), the dense process rewards PRIME feeds the policy. They are
+    a third output, not a metric, because metrics are scalars averaged over micro-batches.
     """
-    z = jnp.sum(implicit_token_rewards(logp, ref_logp, mask, beta), axis=-1)
+    token_rewards = implicit_token_rewards(logp, ref_logp, mask, beta)
+    z = jnp.sum(token_rewards, axis=-1)
     labels = jax.lax.stop_gradient(jnp.asarray(labels, z.dtype))
     loss = jnp.mean(jax.nn.softplus(z) - labels * z)
     metrics = {
@@ -36,7 +41,8 @@ def implicit_prm_ce_loss(logp, ref_logp, mask, labels, beta=0.05):
         "accuracy": jnp.mean(((z > 0) == (labels > 0.5)).astype(z.dtype)),
         "reward_mean": jnp.mean(z),
     }
-    return loss, {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
+    metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
+    return (loss, metrics, token_rewards) if return_token_rewards else (loss, metrics)
 
 
 def mse_reward_loss(logp, ref_logp, mask, rewards, beta):

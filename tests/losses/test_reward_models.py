@@ -37,6 +37,32 @@ class RewardModelTest(chex.TestCase):
             np.testing.assert_allclose(metrics["reward_mean"], z.mean(), rtol=1e-5, atol=1e-6)
             assert all(v.dtype == jnp.float32 and v.shape == () for v in metrics.values())
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_implicit_prm_ce_loss_returns_token_rewards(self):
+        for seed, scale, beta in ((6, 1.0, 0.05), (7, 300.0, 1.0)):
+            logp, ref, mask, labels = make_inputs(seed, scale)
+            loss, metrics, rewards = self.variant(
+                lambda *a, beta=beta: implicit_prm_ce_loss(*a, beta=beta, return_token_rewards=True)
+            )(logp, ref, mask, labels)
+            want_rewards = beta * (np.float64(logp) - ref) * mask
+            chex.assert_shape(rewards, logp.shape)
+            np.testing.assert_allclose(rewards, want_rewards, rtol=1e-5, atol=1e-7)
+            np.testing.assert_array_equal(np.asarray(rewards)[~mask], 0.0)
+            z = want_rewards.sum(-1)
+            np.testing.assert_allclose(loss, np.mean(np.logaddexp(0.0, z) - labels * z), rtol=1e-5)
+            np.testing.assert_allclose(metrics["reward_mean"], z.mean(), rtol=1e-5, atol=1e-6)
+            assert set(metrics) == {"loss", "accuracy", "reward_mean"}
+
+    def test_token_rewards_are_differentiable(self):
+        """d(sum_t w_t r_t)/d logp = beta * w * m: the dense rewards carry the policy gradient."""
+        logp, ref, mask, labels = make_inputs(8)
+        weights = np.random.default_rng(8).normal(size=logp.shape).astype(np.float32)
+        grad = jax.grad(
+            lambda lp: jnp.sum(weights * implicit_prm_ce_loss(lp, ref, mask, labels, beta=0.3,
+                                                              return_token_rewards=True)[2])
+        )(logp)
+        np.testing.assert_allclose(grad, 0.3 * weights * mask, rtol=1e-5, atol=1e-7)
+
     def test_implicit_token_rewards(self):
         logp, ref, mask, _ = make_inputs(2)
         got = implicit_token_rewards(logp, ref, mask, beta=0.1)
