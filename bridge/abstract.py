@@ -1,9 +1,11 @@
-"""A config's update steps compiled against abstract shapes: does it fit, before renting?
+"""A config's jitted programs compiled against abstract shapes: does it fit, before renting?
 
-Every trained stage's jitted update (the one `bridge.stages` builds: same loss function,
-optimizer, micro-batching and shardings) is lowered and compiled on the config's mesh with
-`jax.ShapeDtypeStruct` arguments, so no weights are read and no memory is allocated;
-`compiled.memory_analysis()` then gives the per-device argument and temporary bytes.
+For every trained stage: the update step (the one `bridge.stages` builds: same loss function,
+optimizer, micro-batching and shardings), the rollout sampler's prefill and decode for one
+sampling chunk, and the teacher-forced scoring pass over a rollout batch. Each is lowered and
+compiled on the config's mesh with `jax.ShapeDtypeStruct` arguments, so no weights are read
+and no memory is allocated; `compiled.memory_analysis()` gives per-device argument and
+temporary bytes (arguments a program donates are counted once).
 
 On CPU with fake devices (`--xla_force_host_platform_device_count`), XLA computes bfloat16
 through float32 in places, so the numbers lean high for bf16 configs: a fit here is a fit
@@ -13,13 +15,14 @@ on the accelerator, with margin. `python -m launch.fit` prints the table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bridge import sharding, train_state
+from bridge import sampling, scoring, sharding, train_state
 from bridge.models import Decoder, ModelConfig
 from bridge.models.config import dtype_from_name
 from bridge.stages import common, opd, rl, sft
@@ -91,17 +94,15 @@ def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int, co
 
 
 @dataclasses.dataclass(frozen=True)
-class StageMemory:
-    """Per-device bytes of one compiled update step (GiB) and how long it took to build."""
+class ProgramMemory:
+    """Per-device GiB of one compiled program of a stage and how long it took to build."""
 
     stage: str
-    rows: int
-    microbatches: int
+    program: str  # "update", "sample prefill", "sample decode", "score"
+    rows: int  # rows in one call
     tokens_per_row: int
     arguments_gib: float
     temp_gib: float
-    whole_arguments_gib: float  # all devices together
-    lower_s: float
     compile_s: float
 
     @property
@@ -109,27 +110,82 @@ class StageMemory:
         return self.arguments_gib + self.temp_gib
 
 
-def _gib(n: float) -> float:
-    return n / 2**30
-
-
-def stage_memory(c, name: str, mesh, rules, models: dict, *, prompt_len: int,
-                 completion: int | None = None) -> StageMemory:
-    """Compiles stage `name`'s update step against abstract shapes and reads its memory."""
-    update, args = stage_update(c, name, mesh, rules, models, prompt_len=prompt_len, completion=completion)
+def _measure(stage: str, program: str, rows: int, tokens: int, jitted, args, mesh, rules) -> ProgramMemory:
     with sharding.use_mesh(mesh, rules):
         t0 = time.perf_counter()
-        lowered = update.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    analysis = compiled.memory_analysis()
-    whole = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(args))
+        compiled = jitted.lower(*args).compile()
+    m = compiled.memory_analysis()
+    return ProgramMemory(stage, program, rows, tokens, m.argument_size_in_bytes / 2**30, m.temp_size_in_bytes / 2**30,
+                         time.perf_counter() - t0)
+
+
+def _sampling_setup(s):
+    """(model slot, prompts per sampling call, samples per prompt) of a stage's rollouts."""
+    if s.kind == "sft":
+        return s.teacher, int(s.sample_batch_size), int(s.samples_per_prompt)
+    return s.model, int(s.get("sample_batch_size", 0) or s.prompts_per_step), int(s.group_size)
+
+
+def sampler_programs(c, name: str, mesh, rules, models: dict, *, prompt_len: int) -> list[ProgramMemory]:
+    """The rollout sampler of stage `name` (prefill, then the decode loop) for one chunk."""
     s = c.stages[name]
-    return StageMemory(stage=name, rows=update_rows(s), microbatches=int(s.microbatches),
-                       tokens_per_row=prompt_len + (completion or s.max_new_tokens),
-                       arguments_gib=_gib(analysis.argument_size_in_bytes), temp_gib=_gib(analysis.temp_size_in_bytes),
-                       whole_arguments_gib=_gib(whole), lower_s=t1 - t0, compile_s=t2 - t1)
+    slot, prompts, n = _sampling_setup(s)
+    config = sampling.SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+                                     top_p=float(s.top_p), n=n)
+    graphdef, state = nnx.split(models[slot])
+    states = (_spec_like(state, sharding.state_shardings(state, mesh, rules)),)
+    rows_spec = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules, shape))
+    tokens, mask = rows_spec((prompts, prompt_len), jnp.int32), rows_spec((prompts, prompt_len), bool)
+    prefill = jax.jit(functools.partial(sampling.prefill, (graphdef,), config=config, mesh=mesh, rules=rules))
+    with sharding.use_mesh(mesh, rules):
+        caches, logits = jax.eval_shape(prefill, states, tokens, mask)
+    r = prompts * n
+    decode = jax.jit(lambda st, caches, logits, prompt_mask, live, rng: sampling.decode(
+        (graphdef,), st, caches, logits, prompt_mask, rng, config, live=live, mesh=mesh, rules=rules)[0],
+        donate_argnums=(1,))
+    decode_args = (states, caches, logits, rows_spec((r, prompt_len), bool), rows_spec((r,), bool),
+                   jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+    total = prompt_len + int(s.max_new_tokens)
+    return [_measure(name, "sample prefill", prompts, prompt_len, prefill, (states, tokens, mask), mesh, rules),
+            _measure(name, "sample decode", r, total, decode, decode_args, mesh, rules)]
+
+
+def scoring_program(c, name: str, mesh, rules, models: dict, *, prompt_len: int, slot: str) -> ProgramMemory:
+    """The teacher-forced scoring pass of model `slot` over one rollout batch of an RL/OPD
+    stage (old logprobs of the policy; the teachers' logprobs in OPD)."""
+    s = c.stages[name]
+    rows = int(s.prompts_per_step * s.group_size)
+    graphdef, state = nnx.split(models[slot])
+    fn = scoring.in_slices(lambda st, b: scoring.completion_logprobs(nnx.merge(graphdef, st), b, 1.0,
+                                                                      return_entropy=True),
+                           int(s.minibatches * s.microbatches))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules, shape))
+             for k, (shape, dtype) in batch_shapes(s, rows, prompt_len, int(s.max_new_tokens)).items()
+             if k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}
+    state = _spec_like(state, sharding.state_shardings(state, mesh, rules))
+    program = "score" if slot == s.model else f"score {slot}"
+    return _measure(name, program, rows, prompt_len + int(s.max_new_tokens), jax.jit(fn), (state, batch), mesh, rules)
+
+
+def update_program(c, name: str, mesh, rules, models: dict, *, prompt_len: int,
+                   completion: int | None = None) -> ProgramMemory:
+    update, args = stage_update(c, name, mesh, rules, models, prompt_len=prompt_len, completion=completion)
+    s = c.stages[name]
+    return _measure(name, "update", update_rows(s), prompt_len + (completion or int(s.max_new_tokens)), update, args,
+                    mesh, rules)
+
+
+def stage_programs(c, name: str, mesh, rules, models: dict, *, prompt_len: int) -> list[ProgramMemory]:
+    """Every jitted program a trained stage runs, compiled against abstract shapes."""
+    s = c.stages[name]
+    out = [update_program(c, name, mesh, rules, models, prompt_len=prompt_len)]
+    if s.kind in ("rl", "opd") or s.get("source") == "teacher":
+        out += sampler_programs(c, name, mesh, rules, models, prompt_len=prompt_len)
+    if s.kind in ("rl", "opd"):
+        scored = [s.model] + ([s.teacher, *s.extra_teachers] if s.kind == "opd" else [])
+        out += [scoring_program(c, name, mesh, rules, models, prompt_len=prompt_len, slot=slot) for slot in scored]
+    return out
 
 
 def abstract_models(c, **override) -> dict:

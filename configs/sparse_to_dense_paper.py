@@ -78,7 +78,7 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
               max_new_tokens=max_new_tokens)
     c.stages.teacher_rl = common.rl_stage("teacher", lr, 200, optimizer=opt(lr), **rl)
     c.stages.warmup = common.sft_stage("student", 1e-5, 128, teacher="teacher", pool_prompts=2048,
-                                       samples_per_prompt=4, sample_batch_size=64, batch_size=64, microbatches=8,
+                                       samples_per_prompt=4, sample_batch_size=32, batch_size=64, microbatches=8,
                                        max_new_tokens=max_new_tokens, optimizer=opt(1e-5))
     c.stages.opd = common.opd_stage("student", lr, 100, teacher="teacher", prompts_per_step=64, group_size=4,
                                     sample_batch_size=32, minibatches=4, microbatches=8,

@@ -1,5 +1,6 @@
-"""Does a config fit its accelerators? Compiles every trained stage's update step against
-abstract shapes on the config's mesh and prints per-device memory; nothing is allocated.
+"""Does a config fit its accelerators? Compiles every jitted program of every trained stage
+(update step, rollout prefill and decode, scoring passes) against abstract shapes on the
+config's mesh and prints per-device memory; nothing is allocated.
 
     python -m launch.fit --config=configs/sparse_to_dense/llama31_8b_math.py --devices=64 --hbm_gib=80
 
@@ -21,7 +22,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: pa
 _DEVICES = flags.DEFINE_integer("devices", 0, "Fake this many CPU devices (0: the machine's devices).")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "Accelerator memory per device, GiB (0: no verdict).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (left-padded bucket).")
-_COMPLETION = flags.DEFINE_integer("completion", 0, "Completion tokens per row (0: each stage's max_new_tokens).")
 
 
 def main(argv):
@@ -44,20 +44,19 @@ def main(argv):
         trained = [n for n in c.pipeline.stages if c.stages[n].kind in ("rl", "sft", "opd")]
         print(f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; "
               f"GiB per device")
-        print("| stage | rows/update | micro-batches | tokens/row | arguments | temporaries | total | fits |")
-        print("|---|---:|---:|---:|---:|---:|---:|:---:|")
+        print("| stage | program | rows | tokens/row | arguments | temporaries | total | fits |")
+        print("|---|---|---:|---:|---:|---:|---:|:---:|")
         over = []
         for name in trained:
-            m = abstract.stage_memory(c, name, mesh, rules, models, prompt_len=_PROMPT_LEN.value,
-                                      completion=_COMPLETION.value or None)
-            fits = "-" if not _HBM.value else ("yes" if m.total_gib <= _HBM.value else "no")
-            if fits == "no":
-                over.append(name)
-            print(f"| {name} | {m.rows} | {m.microbatches} | {m.tokens_per_row} | {m.arguments_gib:.2f} | "
-                  f"{m.temp_gib:.2f} | {m.total_gib:.2f} | {fits} |", flush=True)
+            for m in abstract.stage_programs(c, name, mesh, rules, models, prompt_len=_PROMPT_LEN.value):
+                fits = "-" if not _HBM.value else ("yes" if m.total_gib <= _HBM.value else "no")
+                if fits == "no":
+                    over.append(f"{name} {m.program}")
+                print(f"| {name} | {m.program} | {m.rows} | {m.tokens_per_row} | {m.arguments_gib:.2f} | "
+                      f"{m.temp_gib:.2f} | {m.total_gib:.2f} | {fits} |", flush=True)
     if over:
-        print(f"over {_HBM.value:g} GiB per device: {', '.join(over)} (raise microbatches, shard wider, "
-              "or turn on remat)", file=sys.stderr)
+        print(f"over {_HBM.value:g} GiB per device: {', '.join(over)} (raise microbatches or lower "
+              "sample_batch_size, shard wider, or turn on remat)", file=sys.stderr)
         return 1
     return 0
 
