@@ -1,8 +1,12 @@
 """Advantages and dense rewards against NumPy references."""
 import chex
+import hypothesis.extra.numpy as hnp
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from bridge import advantages as adv
 
@@ -10,10 +14,11 @@ from bridge import advantages as adv
 def np_group(rewards, g, scale, eps=1e-6):
     out = []
     for group in np.asarray(rewards, np.float64).reshape(-1, g):
+        if np.all(group == group[0]):
+            out.append(np.zeros(g))
+            continue
         centered = group - group.mean()
-        if scale == "std":
-            centered = centered / (group.std(ddof=1) + eps)
-        out.append(np.zeros(g) if np.all(group == group[0]) else centered)
+        out.append(centered / (group.std(ddof=1) + eps) if scale == "std" else centered)
     return np.concatenate(out)
 
 
@@ -82,6 +87,39 @@ class SequenceAdvantagesTest(chex.TestCase):
             adv.rloo_advantages(jnp.ones(4), 1)
 
 
+@st.composite
+def grouped_rewards(draw):
+    """(rewards float32[n * g], g): discrete rewards (many constant groups) or continuous ones
+    whose groups are either constant or spread by more than 1% of their magnitude (below that
+    the f32 mean rounds to the size of the centered values and no f32 code can match f64)."""
+    group_size, n_groups = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    shape = (n_groups * group_size,)
+    if draw(st.booleans()):
+        quarters = draw(hnp.arrays(np.int32, shape, elements=st.integers(-8, 8)))
+        return (quarters / 4).astype(np.float32), group_size
+    rewards = draw(hnp.arrays(np.float32, shape, elements=st.floats(-1e3, 1e3, width=32)))
+    for group in rewards.reshape(n_groups, group_size):
+        spread = group.max() - group.min()
+        assume(spread == 0 or spread > 1e-2 * (1 + np.abs(group).max()))
+    return rewards, group_size
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=grouped_rewards(), scale=st.sampled_from(("std", "none")))
+def test_group_advantages_property(case, scale):
+    rewards, group_size = case
+    got = np.asarray(adv.group_advantages(rewards, group_size, scale=scale))
+    want = np_group(rewards, group_size, scale)
+    assert np.all(np.isfinite(got))
+    atol = 1e-5 * (1.0 if scale == "std" else 1.0 + np.abs(rewards).max())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+    for group, a in zip(rewards.reshape(-1, group_size), got.reshape(-1, group_size)):
+        if np.all(group == group[0]):
+            np.testing.assert_array_equal(a, 0.0)  # constant groups: exactly 0, never NaN
+        else:
+            np.testing.assert_allclose(a.sum(), 0.0, atol=atol * group_size)  # centered
+
+
 class TokenAdvantagesTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_whiten(self):
@@ -99,32 +137,40 @@ class TokenAdvantagesTest(chex.TestCase):
         const = np.ones((4, 5), np.float32)
         np.testing.assert_array_equal(adv.whiten(const, np.ones((4, 5), bool)), 0.0)
 
+    @chex.variants(with_jit=True, without_jit=True)
     def test_opd_and_exopd(self):
         rng = np.random.default_rng(2)
         s, t, b = (-rng.random((3, 4)).astype(np.float32) * 5 for _ in range(3))
-        np.testing.assert_allclose(adv.opd_token_advantages(s, t, coef=0.5), -0.5 * (np.float64(s) - t), rtol=1e-5)
+        got = self.variant(lambda s, t: adv.opd_token_advantages(s, t, coef=0.5))(s, t)
+        np.testing.assert_allclose(got, -0.5 * (np.float64(s) - t), rtol=1e-5)
         want = 1.25 * (np.float64(t) - b) - (np.float64(s) - b)
-        np.testing.assert_allclose(adv.exopd_token_advantages(s, t, b), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(self.variant(adv.exopd_token_advantages)(s, t, b), want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
-            adv.exopd_token_advantages(s, t, b, lam=1.0), adv.opd_token_advantages(s, t), rtol=1e-5, atol=1e-6
+            self.variant(lambda s, t, b: adv.exopd_token_advantages(s, t, b, lam=1.0))(s, t, b),
+            -(np.float64(s) - t),
+            rtol=1e-5,
+            atol=1e-6,
         )
 
+    @chex.variants(with_jit=True, without_jit=True)
     def test_erpd_rewards(self):
         pos, mask = make_tokens(3)
         neg, _ = make_tokens(4)
-        np.testing.assert_allclose(
-            adv.erpd_rewards(pos, neg, mask), np_whiten(np.float64(pos) - neg, mask), rtol=1e-5, atol=1e-6
-        )
+        for m in (mask, mask.astype(np.float32)):
+            np.testing.assert_allclose(
+                self.variant(adv.erpd_rewards)(pos, neg, m), np_whiten(np.float64(pos) - neg, mask), rtol=1e-5, atol=1e-6
+            )
 
+    @chex.variants(with_jit=True, without_jit=True)
     def test_ensemble_rewards(self):
         (a, mask), (b, _) = make_tokens(5), make_tokens(6)
         want = (1.0 * np_whiten(a, mask) + 3.0 * np_whiten(b, mask)) / 4.0
-        np.testing.assert_allclose(adv.ensemble_rewards([a, b], [1.0, 3.0], mask=mask), want, rtol=1e-5, atol=1e-6)
+        got = self.variant(lambda signals, m: adv.ensemble_rewards(signals, [1.0, 3.0], mask=m))([a, b], mask)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         uniform = (np_whiten(a, np.ones_like(mask)) + np_whiten(b, np.ones_like(mask))) / 2
-        np.testing.assert_allclose(adv.ensemble_rewards([a, b]), uniform, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(self.variant(adv.ensemble_rewards)([a, b]), uniform, rtol=1e-5, atol=1e-6)
         with pytest.raises(ValueError, match="weights"):
             adv.ensemble_rewards([a, b], [1.0])
-
 
 def np_tip(entropy, divergence, mask, alpha, gamma, keep_fraction):
     m = np.asarray(mask, bool)
@@ -139,16 +185,19 @@ def np_tip(entropy, divergence, mask, alpha, gamma, keep_fraction):
     return out.reshape(h.shape)
 
 
-@pytest.mark.parametrize("alpha,gamma,keep", [(1.0, 1.0, 0.5), (2.0, 0.0, 0.3), (0.5, 1.5, 1.0), (1.0, 1.0, 0.01)])
-def test_tip_token_weights(alpha, gamma, keep):
-    rng = np.random.default_rng(7)
-    entropy = rng.random((4, 6)).astype(np.float32) * 3
-    divergence = rng.normal(size=(4, 6)).astype(np.float32)
-    mask = rng.random((4, 6)) < 0.8
-    mask[0] = False
-    got = adv.tip_token_weights(entropy, divergence, mask, alpha=alpha, gamma=gamma, keep_fraction=keep)
-    np.testing.assert_array_equal(got, np_tip(entropy, divergence, mask, alpha, gamma, keep))
-
+class TipTokenWeightsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((1.0, 1.0, 0.5), (2.0, 0.0, 0.3), (0.5, 1.5, 1.0), (1.0, 1.0, 0.01))
+    def test_tip_token_weights(self, alpha, gamma, keep):
+        rng = np.random.default_rng(7)
+        entropy = rng.random((4, 6)).astype(np.float32) * 3
+        divergence = rng.normal(size=(4, 6)).astype(np.float32)
+        mask = rng.random((4, 6)) < 0.8
+        mask[0] = False
+        got = self.variant(
+            lambda h, d, m: adv.tip_token_weights(h, d, m, alpha=alpha, gamma=gamma, keep_fraction=keep)
+        )(entropy, divergence, mask)
+        np.testing.assert_array_equal(got, np_tip(entropy, divergence, mask, alpha, gamma, keep))
 
 def test_tip_token_weights_empty_mask_and_validation():
     zeros = np.zeros((2, 3), bool)

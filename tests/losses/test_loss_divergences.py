@@ -174,8 +174,31 @@ class DivergenceValuesTest(chex.TestCase):
             grad = jax.grad(lambda s, fn=fn: fn(s, teacher, 3).sum())(student)
             assert np.all(np.isfinite(grad)), name
             np.testing.assert_allclose(fn(student, teacher, 3), ref(bs, bt), rtol=1e-5, atol=1e-5, err_msg=name)
-        ent = entropy(student)
-        assert np.all(np.isfinite(ent)) and np.all(np.asarray(ent) >= 0)
+        np.testing.assert_allclose(entropy(student), -(np.exp(ls) * ls).sum(-1), rtol=1e-5, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_at_large_logits_matches_float64(self):
+        """|logits| ~ 1e4 with O(1) gaps (non-trivial entropy) and with O(1e4) gaps (near one-hot):
+        value and gradient dH/dz = -p (log p + H) / temperature against float64 NumPy."""
+        rng = np.random.default_rng(9)
+        spread = (rng.normal(size=(4, V)) * 2).astype(np.float32)
+        offsets = np.array([1e4, -1e4, 3e4, 0.0], np.float32)[:, None]
+        cases = {
+            "offset": (offsets + spread).astype(np.float32),
+            "scaled": make_logits(10, shape=(4,), scale=1e4)[0],
+        }
+        for name, logits in cases.items():
+            for temperature in (1.0, 0.5):
+                logp = np_log_softmax(logits, temperature)
+                want = -(np.exp(logp) * logp).sum(-1)
+                want_grad = -np.exp(logp) * (logp + want[:, None]) / temperature
+                got, grad = self.variant(
+                    jax.value_and_grad(lambda z, t=temperature: entropy(z, temperature=t).sum())
+                )(logits)
+                got_rows = self.variant(lambda z, t=temperature: entropy(z, temperature=t))(logits)
+                np.testing.assert_allclose(got_rows, want, rtol=1e-5, atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(got, want.sum(), rtol=1e-5, atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6, err_msg=name)
 
     def test_tiny_tail_mass_stays_finite(self):
         """A teacher whose top-k holds all but ~e^-100 of the mass: the tail log-prob is exact."""
