@@ -7,10 +7,11 @@
 
 --checkpoint / --hf_dir: a Hugging Face model folder (the trainer exports every finished stage
 to <workdir>/models/<stage>). With --config, the config supplies the tokenizer (when the model
-folder has none), the task (config.task, unless --task is given), eval.num_prompts /
-eval.batch_size / eval.max_new_tokens defaults and the seed. Writes results.json, results.md,
-passk.png and samples.jsonl to --outdir. Defaults follow the papers: n=16, T=0.7, top-p 0.8,
-top-k 20.
+folder has none), the task (config.task, unless --task is given), the eval section's
+defaults (num_prompts, batch_size, max_new_tokens, n, temperature, top_p, top_k) and the seed;
+a flag given on the command line wins. Writes results.json, results.md, passk.png and
+samples.jsonl to --outdir. Without a config, sampling defaults follow the papers: n=16,
+T=0.7, top-p 0.8, top-k 20.
 """
 
 import json
@@ -31,10 +32,10 @@ flags.DEFINE_string("task_options", None, "JSON object of task options (default:
 flags.DEFINE_string("outdir", None, "Where to write the reports.")
 flags.DEFINE_string("method", None, "Row label for launch.table (default: the model folder name).")
 flags.DEFINE_string("split", "test", "Task split.")
-flags.DEFINE_integer("n", 16, "Samples per prompt.")
-flags.DEFINE_float("temperature", 0.7, "Sampling temperature (0 = greedy).")
-flags.DEFINE_float("top_p", 0.8, "Nucleus sampling mass.")
-flags.DEFINE_integer("top_k", 20, "Top-k sampling (0 = off).")
+flags.DEFINE_integer("n", None, "Samples per prompt (default: config.eval.n or 16).")
+flags.DEFINE_float("temperature", None, "Sampling temperature, 0 = greedy (default: config.eval or 0.7).")
+flags.DEFINE_float("top_p", None, "Nucleus sampling mass (default: config.eval or 0.8).")
+flags.DEFINE_integer("top_k", None, "Top-k sampling, 0 = off (default: config.eval or 20).")
 flags.DEFINE_integer("max_new_tokens", None, "Generation budget (default: config.eval or task hint).")
 flags.DEFINE_integer("limit", None, "Evaluate the first N problems (default: config.eval.num_prompts).")
 flags.DEFINE_integer("batch_size", None, "Prompts per sampler call (default: config.eval or 64).")
@@ -51,6 +52,15 @@ def _from_config(path: str, default=None):
             return default
         node = node[key]
     return node
+
+
+SAMPLING_DEFAULTS = {"n": 16, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+
+
+def _sampling(name: str):
+    """The flag when given, else the config's eval.<name>, else the papers' default."""
+    value = getattr(FLAGS, name)
+    return value if value is not None else _from_config(f"eval.{name}", SAMPLING_DEFAULTS[name])
 
 
 def _tokenizer(model_dir: str):
@@ -108,10 +118,10 @@ def run() -> dict:
         model,
         tokenizer,
         task,
-        n=FLAGS.n,
-        temperature=FLAGS.temperature,
-        top_p=FLAGS.top_p,
-        top_k=FLAGS.top_k,
+        n=_sampling("n"),
+        temperature=_sampling("temperature"),
+        top_p=_sampling("top_p"),
+        top_k=_sampling("top_k"),
         max_new_tokens=FLAGS.max_new_tokens or _from_config("eval.max_new_tokens"),
         split=FLAGS.split,
         limit=FLAGS.limit or _from_config("eval.num_prompts"),

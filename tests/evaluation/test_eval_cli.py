@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.seed = 3
   c.tokenizer = "char:" + {alphabet!r}
   c.task = ml_collections.ConfigDict(dict(name="arithmetic", options=dict(digits=2, num_train=8, num_test=6)))
-  c.eval = ml_collections.ConfigDict(dict(num_prompts=5, batch_size=3, max_new_tokens=5))
+  c.eval = ml_collections.ConfigDict(dict(num_prompts=5, batch_size=3, max_new_tokens=5{sampling}))
   return c
 """
 
@@ -92,7 +92,7 @@ def _check_outputs(outdir, task, num_problems, n):
 
 def test_eval_toy_task_from_config(model_dirs, tmp_path):
     config = tmp_path / "eval_config.py"
-    config.write_text(CONFIG.format(alphabet=string.printable))
+    config.write_text(CONFIG.format(alphabet=string.printable, sampling=""))
     outdir = str(tmp_path / "toy")
     proc = _cli(
         "launch.eval",
@@ -110,6 +110,18 @@ def test_eval_toy_task_from_config(model_dirs, tmp_path):
     assert results["method"] == "toy_model"
     assert abs(results["metrics"]["kl_to_reference"]) < 1e-4  # model vs itself
     assert "pass@k" in proc.stdout or "| k |" in proc.stdout
+
+
+def test_eval_sampling_comes_from_the_config_unless_a_flag_is_given(model_dirs, tmp_path):
+    config = tmp_path / "eval_config.py"
+    config.write_text(CONFIG.format(alphabet=string.printable,
+                                    sampling=", n=3, temperature=0.9, top_p=0.95, top_k=7"))
+    _cli("launch.eval", f"--config={config}", f"--checkpoint={model_dirs[0]}", f"--outdir={tmp_path / 'a'}",
+         "--top_k=5", "--limit=2", "--progress=false")
+    results = json.load(open(tmp_path / "a" / "results.json"))
+    assert results["n"] == 3
+    assert (results["sampling"]["temperature"], results["sampling"]["top_p"], results["sampling"]["top_k"]) == (
+        0.9, 0.95, 5)
 
 
 def test_eval_gsm8k_and_math_fixtures_then_table(model_dirs, tmp_path):
