@@ -212,6 +212,43 @@ def test_sharded_on_8_devices_equals_one_device(qwen3):
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5, rtol=0)
 
 
+def test_cache_shards_rows_and_kv_heads_and_decode_donates_it(qwen3):
+    """On a (data 2, fsdp 2, tensor 2) mesh the KV cache puts rows over (data, fsdp) and kv
+    heads over tensor, the attention weights' heads over tensor; decode updates the
+    prefill's cache in place (its buffers are donated)."""
+    from jax.sharding import PartitionSpec as P
+
+    from bridge import sharding
+
+    _, model = qwen3
+    mesh = mesh_lib.make_mesh((2, 2, 2))
+    graphdef, state = nnx.split(model)
+    config = sampling.SamplingConfig(max_new_tokens=4, n=2)
+    sampler = sampling.make_sampler(graphdef, config, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    (state,) = sampler.place((state,))
+    assert state["layers"][0]["self_attn"]["k_proj"]["kernel"][...].sharding.spec == P("fsdp", "tensor")  # heads
+    tokens, mask = sampling.left_pad(PROMPTS, 16, len(PROMPTS), 0)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        caches, logits = sampler.prefill((state,), jnp.asarray(tokens), jnp.asarray(mask))
+        k = caches[0].k[0]
+        assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == (("data", "fsdp"), "tensor", None, None)
+        out, _ = sampler.decode((state,), caches, logits, jnp.asarray(tokens), jnp.asarray(mask),
+                                jnp.ones((len(PROMPTS),), bool), jax.random.key(0))
+    assert k.is_deleted()
+    assert out.tokens.shape == (2 * len(PROMPTS), 4)
+
+
+def test_min_p_through_generate_keeps_only_likely_tokens(qwen3):
+    """min_p = 0.3: every sampled token had probability >= 0.3 * the step's top probability."""
+    _, model = qwen3
+    out = sampling.generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, min_p=0.3, n=4, seed=2)
+    logits = teacher_forced_logits(model, out)
+    probs = np.exp(np_log_softmax(logits))
+    picked = np.take_along_axis(probs, np.asarray(out.tokens)[..., None], -1)[..., 0]
+    ok = picked >= 0.3 * probs.max(-1) * (1 - 1e-5)
+    assert np.all(ok[np.asarray(out.mask)])
+
+
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
 def test_scanned_layers_sample_like_unrolled(qwen3, qwen3_path, mesh_shape):
     """scan_layers keeps one stacked [L, B, Hkv, S, Dh] cache; same tokens as the unrolled model."""
