@@ -3,9 +3,14 @@
 `extract_answer(text)`: the last \\boxed{...} / \\fbox{...} (nested braces), else the text after
 the last "####", else after the last "the answer is", else the last number; None if nothing.
 
+A number followed only by words is that number: "72 clips", "$1,500 dollars", "5 cm^2" and
+"5 \\text{ cm}" all mean the number ("25 percent" means 25%), unless a word changes the value
+("5 million", "3 pi", "2 dozen"), in which case the answer is kept as written. Extraction drops
+such words after "####" and "the answer is"; a \\boxed{} answer is returned as written.
+
 `is_equivalent(predicted, reference, timeout_s=5.0)`: True when the two answers denote the same
 value. Fast path in this process, no sympy: equal after normalization (spaces, $, \\left/\\right,
-\\dfrac, units in \\text{}, degrees, trailing period, "x =" prefix) or equal as exact rationals
+\\dfrac, unit words, degrees, trailing period, "x =" prefix) or equal as exact rationals
 (integers, decimals, 1,000-style commas, a/b, \\frac{a}{b}, percentages, where 10% also matches
 0.1). Otherwise math-verify (sympy) runs in a persistent worker process
 (`bridge.tasks.verifier_pool`) under a hard deadline: a hung comparison is killed and scores
@@ -34,6 +39,20 @@ MAX_ANSWER_CHARS = 1000
 _MAX_NUMBER_CHARS = 64
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_MAX_UNIT_ANSWER_CHARS = 200
+_WORD_TAIL = r"[A-Za-z.'/-]*(?:\^\{?[23]\}?|[²³])?"  # rest of a word: "s", "m/s", "m^2", "ft."
+# group 1: ["x ="] ["$"] number ["%"]; group 2: words (the first of 2+ characters); then dots.
+_NUMBER_THEN_WORDS = re.compile(
+    r"((?:[A-Za-z]\s*=\s*)?(?:\\?\$\s*)?[+-]?"
+    r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+|\\[dt]?frac\{\d+\}\{\d+\})"
+    r"(?:\s*\\?%)?)"
+    rf"\s*\$?\s+([A-Za-z][A-Za-z.'/-]{_WORD_TAIL}(?:\s+[A-Za-z]{_WORD_TAIL})*)[\s.]*"
+)
+_VALUE_WORDS = frozenset(
+    "pi sqrt root roots squared cubed factorial inf infinity infty log ln exp sin cos tan plus minus "
+    "hundred hundreds thousand thousands million millions billion billions trillion trillions "
+    "dozen dozens half halves third thirds quarter quarters".split()
+)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -48,11 +67,29 @@ def _last_boxed(text: str) -> str | None:
     return bare[-1] if bare else None
 
 
+def _drop_unit_words(answer: str) -> str:
+    """"72 clips" -> "72", "$1,500 dollars" -> "$1,500", "x = 5 cm^2" -> "x = 5", "25 percent"
+    -> "25%"; any other answer (no leading number, digits or symbols among the words, a word in
+    _VALUE_WORDS such as "million" or "pi") is returned unchanged."""
+    if len(answer) > _MAX_UNIT_ANSWER_CHARS:
+        return answer
+    match = _NUMBER_THEN_WORDS.fullmatch(answer)
+    if match is None:
+        return answer
+    number, words = match.groups()
+    words = words.lower()
+    if words.startswith(("percent", "per cent")):
+        return number if number.endswith("%") else number + "%"
+    if _VALUE_WORDS.intersection(re.findall(r"[a-z]+", words)):
+        return answer
+    return number
+
+
 def _clean_tail(answer: str) -> str | None:
     previous = None
     while answer != previous:
         previous, answer = answer, answer.strip().lstrip(":").strip("$").rstrip(".")
-    return answer or None
+    return _drop_unit_words(answer) or None
 
 
 def extract_answer(text: str) -> str | None:
@@ -84,10 +121,10 @@ def normalize_answer(answer: str) -> str:
         ("\\left", ""),
         ("\\right", ""),
         ("\\!", ""),
-        ("\\,", ""),
-        ("\\;", ""),
-        ("\\ ", ""),
-        ("~", ""),
+        ("\\,", ""),  # also a thousands separator: 1\,000
+        ("\\;", " "),  # other spacing becomes a space (all spaces go below, after unit words)
+        ("\\ ", " "),
+        ("~", " "),
         ("\\dfrac", "\\frac"),
         ("\\tfrac", "\\frac"),
         ("^\\circ", ""),
@@ -100,6 +137,7 @@ def normalize_answer(answer: str) -> str:
         s = s.replace(old, new)
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}\s*$", "", s)  # trailing units
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = _drop_unit_words(s.strip())
     s = re.sub(r"\s+", "", s)
     s = re.sub(r"^[a-zA-Z]=", "", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
@@ -143,7 +181,11 @@ def is_equivalent(predicted: str | None, reference: str | None, timeout_s: float
         return pv == rv
     if len(predicted) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
         return False
-    return _slow_equivalent(predicted.strip().strip("$"), reference.strip().strip("$"), float(timeout_s))
+    return _slow_equivalent(
+        _drop_unit_words(predicted.strip().strip("$")),
+        _drop_unit_words(reference.strip().strip("$")),
+        float(timeout_s),
+    )
 
 
 def make_math_reward(*, timeout_s: float = 5.0, require_boxed: bool = False):

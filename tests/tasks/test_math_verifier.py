@@ -1,4 +1,5 @@
-"""Math answer extraction and equivalence: cases from the issue, plus thread use and speed."""
+"""Math answer extraction and equivalence: cases from the issue, answers with unit words, thread
+use and speed."""
 
 import threading
 import time
@@ -86,6 +87,104 @@ def test_not_equivalent_pairs(predicted, reference):
     assert not is_equivalent(predicted, reference)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Natalia sold 48/2 = 24 clips in May.\nThe answer is 72 clips.", "72"),
+        ("She earns 12 * 1.5 = 18 dollars.\n#### 18 dollars", "18"),
+        ("The answer is $1,500 dollars.", "1,500"),
+        ("The answer is $1,500$ dollars", "1,500"),
+        ("The final answer is: 5 cm.", "5"),
+        ("The answer is -3.5 degrees Celsius", "-3.5"),
+        ("#### 10 cm^2", "10"),
+        ("The answer is 60 km/h.", "60"),
+        ("The answer is 25 percent.", "25%"),
+        ("The answer is 40% of the class", "40%"),
+        ("The answer is $\\frac{1}{2}$ cup of flour", "\\frac{1}{2}"),
+        ("x = 5 meters, so the answer is x = 5 meters.", "x = 5"),
+        ("So \\boxed{72 \\text{ clips}} in all.", "72 \\text{ clips}"),  # a box is kept as written
+        # words that are the answer, or words that change the value, stay
+        ("The answer is yes.", "yes"),
+        ("The answer is x + 1.", "x + 1"),
+        ("The answer is 5 million.", "5 million"),
+        ("The answer is 3 pi", "3 pi"),
+        ("The answer is 2 x", "2 x"),
+        ("The answer is 3 hours and 20 minutes", "3 hours and 20 minutes"),
+    ],
+)
+def test_extract_answer_with_unit_words(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("72 clips", "72"),
+        ("72", "72 clips"),
+        ("18 dollars", "18"),
+        ("$1,500 dollars", "1500"),
+        ("\\$1,500 dollars", "1500"),
+        ("5 cm", "5"),
+        ("72 \\text{ clips}", "72"),
+        ("\\text{72 clips}", "72"),
+        ("10 cm^2", "10"),
+        ("10 \\text{cm}^2", "10"),
+        ("x = 5 meters", "5"),
+        ("2.5 hours", "\\frac{5}{2}"),
+        ("\\frac{1}{2} cup", "0.5"),
+        ("-3 degrees", "-3"),
+        ("25 percent", "0.25"),
+        ("50 % of them", "50"),
+        ("1\\,000 apples", "1000"),
+        ("72 clips", "2^{6}+8"),  # not both plain numbers: math-verify sees "72"
+    ],
+)
+def test_equivalent_pairs_with_unit_words(predicted, reference):
+    assert is_equivalent(predicted, reference)
+
+
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("72 clips", "73"),
+        ("18 dollars", "1.8"),
+        ("1,500 dollars", "150"),
+        ("5 million", "5"),
+        ("3 pi", "3"),
+        ("2 dozen eggs", "2"),
+        ("3 and a half", "3"),
+        ("2 x", "2"),
+        ("5 \\pi", "5"),
+        ("25 percent", "25.5"),
+    ],
+)
+def test_not_equivalent_pairs_with_unit_words(predicted, reference):
+    assert not is_equivalent(predicted, reference)
+
+
+@pytest.mark.parametrize(
+    "answer, canonical",
+    [
+        ("72 clips", "72"),
+        ("$1,500 dollars.", "1,500"),
+        ("x + 1", "x+1"),
+        ("\\frac{1}{2}", "\\frac{1}{2}"),
+        ("2\\sqrt{3}", "2\\sqrt{3}"),
+        ("\\pi", "\\pi"),
+        ("[0, 1)", "[0,1)"),
+        ("(-\\infty, 2]", "(-\\infty,2]"),
+        ("x = 5", "5"),
+        ("5 \\text{ cm}", "5"),
+        ("yes", "yes"),
+        ("(A)", "(A)"),
+        ("5 \\pi", "5\\pi"),
+        ("2 x", "2x"),
+    ],
+)
+def test_normalize_answer_drops_unit_words_only(answer, canonical):
+    assert normalize_answer(answer) == canonical
+
+
 def test_normalize_answer_is_canonical_for_voting():
     assert normalize_answer("\\boxed{ \\dfrac{1}{2} }") == normalize_answer("\\frac{1}{2}")
     assert normalize_answer("$1,000.$") == "1,000"
@@ -112,12 +211,14 @@ def test_is_equivalent_from_many_threads():
 
 
 def test_fast_path_throughput():
-    pairs = [(str(i), str(i + i % 2)) for i in range(2000)] + [
-        (f"\\frac{{{i}}}{{7}}", f"{i}/7") for i in range(2000)
-    ]
+    pairs = (
+        [(str(i), str(i + i % 2)) for i in range(2000)]
+        + [(f"\\frac{{{i}}}{{7}}", f"{i}/7") for i in range(2000)]
+        + [(f"{i} clips", str(i + i % 2)) for i in range(2000)]
+    )
     start = time.perf_counter()
     matches = sum(is_equivalent(p, r) for p, r in pairs)
     rate = len(pairs) / (time.perf_counter() - start)
-    print(f"verifier fast path: {rate:,.0f} calls/s on ordinary answers")
-    assert matches == 1000 + 2000
+    print(f"verifier fast path: {rate:,.0f} calls/s on ordinary answers (a third with unit words)")
+    assert matches == 1000 + 2000 + 1000
     assert rate > 2000
