@@ -63,7 +63,7 @@ def _spec_like(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int, completion: int | None = None):
+def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int):
     """(jitted update, abstract (state, batch, frozen)) of stage `name` on `mesh`."""
     s = c.stages[name]
     graphdef, params = nnx.split(models[s.model])
@@ -89,7 +89,7 @@ def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int, co
                                           microbatches=s.microbatches, microbatch_weight=weight)
     rows = update_rows(s)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules, shape))
-             for k, (shape, dtype) in batch_shapes(s, rows, prompt_len, completion or s.max_new_tokens).items()}
+             for k, (shape, dtype) in batch_shapes(s, rows, prompt_len, int(s.max_new_tokens)).items()}
     return update, (_spec_like(state, state_sharding), batch, frozen)
 
 
@@ -168,12 +168,10 @@ def scoring_program(c, name: str, mesh, rules, models: dict, *, prompt_len: int,
     return _measure(name, program, rows, prompt_len + int(s.max_new_tokens), jax.jit(fn), (state, batch), mesh, rules)
 
 
-def update_program(c, name: str, mesh, rules, models: dict, *, prompt_len: int,
-                   completion: int | None = None) -> ProgramMemory:
-    update, args = stage_update(c, name, mesh, rules, models, prompt_len=prompt_len, completion=completion)
+def update_program(c, name: str, mesh, rules, models: dict, *, prompt_len: int) -> ProgramMemory:
+    update, args = stage_update(c, name, mesh, rules, models, prompt_len=prompt_len)
     s = c.stages[name]
-    return _measure(name, "update", update_rows(s), prompt_len + (completion or int(s.max_new_tokens)), update, args,
-                    mesh, rules)
+    return _measure(name, "update", update_rows(s), prompt_len + int(s.max_new_tokens), update, args, mesh, rules)
 
 
 def stage_programs(c, name: str, mesh, rules, models: dict, *, prompt_len: int) -> list[ProgramMemory]:
