@@ -1,9 +1,10 @@
-"""Math tasks from each file layout (jsonl, json, parquet, array_record, TFDS) and their rewards."""
+"""Math tasks from each file layout (jsonl, json, parquet, array_record) and their rewards.
+
+TFDS (`tfds.data_source` over a real prepared builder) is in test_tfds_source.py."""
 
 import json
 import os
 
-import numpy as np
 import pytest
 
 from bridge.tasks import get_task, loaders
@@ -94,24 +95,6 @@ def test_aime_json_and_array_record_and_raw_prompt(tmp_path):
     writer.close()
     again = get_task("aime", test_path=str(tmp_path / "aime.array_record")).examples("test")
     assert [x.prompt for x in again] == [x.prompt for x in examples]
-
-
-def test_tfds_source_decodes_bytes(monkeypatch):
-    import tensorflow_datasets as tfds
-
-    calls = {}
-
-    def fake_data_source(name, *, split, data_dir, download):
-        calls.update(name=name, split=split, data_dir=data_dir, download=download)
-        return [
-            {"question": np.bytes_(r["question"].encode()), "answer": r["answer"].encode()}
-            for r in _records(GSM8K)
-        ]
-
-    monkeypatch.setattr(tfds, "data_source", fake_data_source)
-    task = get_task("gsm8k", tfds_name="gsm8k", tfds_data_dir="/data/tfds")
-    assert [x.answer for x in task.examples("train")] == ["72", "10", "1500"]
-    assert calls == {"name": "gsm8k", "split": "train", "data_dir": "/data/tfds", "download": False}
 
 
 def test_loader_errors_name_the_problem(tmp_path):
