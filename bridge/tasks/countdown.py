@@ -8,8 +8,11 @@ nothing is `eval`-ed. Chat prompts ask for the expression inside \\boxed{}.
 Generation: `num_numbers` integers uniform in [1, max_number]; the target comes from a random
 expression combining all of them (each intermediate a positive integer), redrawn until it lies in
 [target_min, target_max], so every problem has a solution (`Example.solution`). Difficulty knobs:
-num_numbers (search width) and the target range. Test problems are drawn first; train skips any
-test problem (same multiset of numbers and target), so the splits are disjoint.
+num_numbers (search width) and the target range. Uniformly random well-formed answers solve 11.8%
+of problems at num_numbers=2 (max_number=25, targets 1-100), 1.3% at the defaults and 0.04% at
+num_numbers=6, max_number=100, targets 100-999 (measured in tests/tasks/test_synthetic.py), so the
+hard end is a sparse-reward regime. Test problems are drawn first; train skips any test problem
+(same multiset of numbers and target), so the splits are disjoint.
 """
 
 from __future__ import annotations

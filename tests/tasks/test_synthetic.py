@@ -148,3 +148,47 @@ def test_countdown_difficulty_knob_and_chat_prompt():
         assert hard.reward(f"so \\boxed{{{example.solution}}}", example).score == 1.0
     rng_targets = np.array([x.meta["target"] for x in hard.examples("test")])
     assert rng_targets.min() >= 100
+
+
+def _random_expression(rng: np.random.Generator, numbers: list[int]) -> str:
+    """A uniformly random fully parenthesized expression over `numbers` in the given order."""
+    if len(numbers) == 1:
+        return str(numbers[0])
+    split = int(rng.integers(1, len(numbers)))
+    op = "+-*/"[rng.integers(4)]
+    return f"({_random_expression(rng, numbers[:split])}{op}{_random_expression(rng, numbers[split:])})"
+
+
+def _random_candidate(rng: np.random.Generator, numbers: list[int]) -> str:
+    """What an untrained policy that always writes a well-formed answer would write by chance:
+    k ~ Uniform{1..len(numbers)} of the given numbers (no repeats, random order), a random binary
+    tree over them (split point uniform at each node) and operators uniform over + - * /."""
+    k = int(rng.integers(1, len(numbers) + 1))
+    picked = [numbers[i] for i in rng.permutation(len(numbers))[:k]]
+    return _random_expression(rng, picked)
+
+
+def _random_solve_rate(task, num_samples: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    scores = []
+    for example in task.examples("test"):
+        for _ in range(num_samples):
+            result = task.reward(_random_candidate(rng, example.meta["numbers"]), example)
+            assert result.format_ok, result  # every candidate is a valid answer; only the value varies
+            scores.append(result.score)
+    return float(np.mean(scores))
+
+
+def test_countdown_hardest_setting_is_almost_never_solved_by_random_answers():
+    """Sparse-reward regime: random well-formed answers (200 problems x 50 samples per setting)
+    solve the easiest setting often and the hardest almost never."""
+    problems = dict(num_train=1, num_test=200, seed=0)
+    easiest = get_task("countdown", num_numbers=2, max_number=25, target_min=1, target_max=100, **problems)
+    default = get_task("countdown", **problems)
+    hardest = get_task("countdown", num_numbers=6, max_number=100, target_min=100, target_max=999, **problems)
+    tasks = {"easiest": easiest, "default": default, "hardest": hardest}
+    rates = {name: _random_solve_rate(task, num_samples=50, seed=0) for name, task in tasks.items()}
+    print(f"countdown random-answer solve rates: {rates}")
+    assert rates["hardest"] < 0.01
+    assert rates["hardest"] < rates["easiest"] / 20
+    assert rates["easiest"] > rates["default"] > rates["hardest"]

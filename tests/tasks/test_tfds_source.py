@@ -60,7 +60,10 @@ class _InMemoryBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 class BridgeTestGsm8k(_InMemoryBuilder, skip_registration=True):
     FEATURES = {"question": tfds.features.Text(), "answer": tfds.features.Text()}
-    SPLITS = {"train": _fixture("gsm8k_test.jsonl") + [TRICKY_GSM8K], "test": _fixture("gsm8k_test.jsonl")[:2]}
+    SPLITS = {
+        "train": _fixture("gsm8k_test.jsonl") + [TRICKY_GSM8K],
+        "test": _fixture("gsm8k_test.jsonl")[:2],
+    }
 
 
 class BridgeTestMath(_InMemoryBuilder, skip_registration=True):
