@@ -14,10 +14,11 @@ D_i = rowsum(do_i * out_i);  dq_i = sum_j ds_ij k_j / sqrt(Dh);  dk_j = sum_i ds
 dq is accumulated over key blocks and (dk, dv) over query blocks in two passes.
 
 The mask is given factored, as the decoder builds it: query t sits at slot query_slots[t] and
-sees key slot s when s <= query_slots[t] and key_valid[b, s] (causal plus padding). Every
-block is computed (fully masked ones too), so causal attention spends twice the FLOPs of a
-kernel that skips them; this is the portable memory-safe path, not the fastest one. A query
-with no visible key gets the mean of v, as in `reference.py`.
+sees key slot s when s <= query_slots[t] and key_valid[b, s] (causal plus padding). A key
+block that lies wholly after a query block's last slot is skipped (`lax.cond`), so causal
+attention does about half the block products. A query with no visible key at all (a left
+padding position) gets a finite average of v over the blocks it does compute; nothing
+downstream reads such positions.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def _scores(qi, kj, slots_i, kslots_j, valid_j, real_j, scale):
     return jnp.where(real_j, s, -jnp.inf), visible
 
 
+def _in_causal_reach(slots_i, kslots_j):
+    """Whether any key slot of block j can be visible from query block i (s <= t for some pair)."""
+    return jnp.min(kslots_j) <= jnp.max(slots_i)
+
+
 def _prepare(q, k, v, query_slots, key_valid, block_q, block_k):
     b, t, h, dh = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -74,7 +80,7 @@ def _forward(q, k, v, query_slots, key_valid, block_q, block_k):
     def query_block(args):
         qi, slots_i = args
 
-        def step(carry, kv):
+        def update(carry, kv):
             m, l, acc = carry
             kj, vj, kslots_j, valid_j, real_j = kv
             s, _ = _scores(qi, kj, slots_i, kslots_j, valid_j, real_j, p["scale"])
@@ -83,7 +89,10 @@ def _forward(q, k, v, query_slots, key_valid, block_q, block_k):
             alpha = jnp.exp(m - m_new)
             l = alpha * l + jnp.sum(probs, axis=-1)
             pv = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-            return (m_new, l, alpha[..., None] * acc + pv), None
+            return m_new, l, alpha[..., None] * acc + pv
+
+        def step(carry, kv):
+            return jax.lax.cond(_in_causal_reach(slots_i, kv[2]), update, lambda c, _: c, carry, kv), None
 
         stats = qi.shape[:-1]
         init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
@@ -124,21 +133,27 @@ def _attention_bwd(block_q, block_k, residuals, d_out):
     queries = (p["q"], do, stats, delta, p["slots"])
 
     def dq_block(args):
-        def step(dq, kv):
+        def update(dq, kv):
             _, ds = grads_of_scores(*args, *kv)
-            return dq + jnp.einsum("bkgqs,bksd->bkgqd", ds, kv[0], preferred_element_type=jnp.float32), None
+            return dq + jnp.einsum("bkgqs,bksd->bkgqd", ds, kv[0], preferred_element_type=jnp.float32)
+
+        def step(dq, kv):
+            return jax.lax.cond(_in_causal_reach(args[4], kv[2]), update, lambda c, _: c, dq, kv), None
 
         dq, _ = jax.lax.scan(step, jnp.zeros(args[0].shape, jnp.float32), keys)
         return dq * scale
 
     def dkv_block(kv):
-        def step(carry, args):
+        def update(carry, args):
             dk, dv = carry
             probs, ds = grads_of_scores(*args, *kv)
             dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(args[1].dtype), args[1],
                                  preferred_element_type=jnp.float32)
             dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, args[0], preferred_element_type=jnp.float32)
-            return (dk, dv), None
+            return dk, dv
+
+        def step(carry, args):
+            return jax.lax.cond(_in_causal_reach(args[4], kv[2]), update, lambda c, _: c, carry, args), None
 
         zeros = jnp.zeros(kv[0].shape, jnp.float32)
         (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), queries)
