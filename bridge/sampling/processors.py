@@ -78,6 +78,13 @@ def process(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: flo
     return min_p_filter(z, min_p)
 
 
+def is_row_stop(tokens: jax.Array, row_stops: jax.Array) -> jax.Array:
+    """bool like tokens (int[R] or int[R, N]): the token is one of its own row's stop ids,
+    row_stops int32[R, K] padded with -1 (K may be 0)."""
+    per_row = row_stops if tokens.ndim == 1 else row_stops[:, None, :]
+    return jnp.any(tokens[..., None] == per_row, axis=-1)
+
+
 def is_stop(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     """bool, true where a token is one of the stop/eos ids (all false when there are none)."""
     stop = jnp.zeros(tokens.shape, bool)

@@ -160,9 +160,10 @@ def prefill(graphdefs, states, prompt_tokens, prompt_mask, config: SamplingConfi
 
 
 def decode(graphdefs, states, caches, logits, prompt_mask, rng, config: SamplingConfig, *,
-           live=None, mesh=None, rules=None):
+           live=None, row_stops=None, mesh=None, rules=None):
     """Decode loop from the prefill's caches and logits. prompt_mask bool[R, P] (rows already
-    repeated n times); live bool[R] marks real rows (padding rows start finished).
+    repeated n times); live bool[R] marks real rows (padding rows start finished); row_stops
+    int32[R, K] (-1 padded) are stop ids of each row on top of config.eos_ids.
 
     Returns ((tokens, logprobs, mask) of shape [R, N], final caches). Returning the caches
     lets a jitted caller donate them: the loop then updates the prefill's buffers in place."""
@@ -171,12 +172,14 @@ def decode(graphdefs, states, caches, logits, prompt_mask, rng, config: Sampling
     models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
     start = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)  # position of the first new token
     live = jnp.ones((r,), bool) if live is None else live
+    row_stops = jnp.zeros((r, 0), jnp.int32) if row_stops is None else row_stops
 
     def pick(i, logits, done):
         token, logprob = _select(logits, jax.random.fold_in(rng, i), config)
         token = jnp.where(done, config.pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)
-        return token, logprob, done | processors.is_stop(token, config.eos_ids)
+        stop = processors.is_stop(token, config.eos_ids) | processors.is_row_stop(token, row_stops)
+        return token, logprob, done | stop
 
     def write(buffers, i, token, logprob, running):
         tokens, logprobs, mask = buffers
@@ -211,9 +214,13 @@ def decode(graphdefs, states, caches, logits, prompt_mask, rng, config: Sampling
     return buffers, caches
 
 
-def _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config: SamplingConfig) -> SampleOutput:
+def _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config: SamplingConfig,
+            row_stops=None) -> SampleOutput:
     lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
-    stopped = jnp.any(mask & processors.is_stop(tokens, config.eos_ids), axis=1)
+    stop = processors.is_stop(tokens, config.eos_ids)
+    if row_stops is not None:
+        stop = stop | processors.is_row_stop(tokens, row_stops)
+    stopped = jnp.any(mask & stop, axis=1)
     return SampleOutput(tokens=tokens, logprobs=logprobs, mask=mask, lengths=lengths,
                         finish_reason=jnp.where(stopped, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32),
                         prompt_tokens=jnp.repeat(prompt_tokens, config.n, axis=0),
@@ -221,22 +228,22 @@ def _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config: Sampling
 
 
 def sample(graphdef, state, prompt_tokens, prompt_mask, rng, config: SamplingConfig, *,
-           proxy_graphdefs=(), proxy_states=(), live=None, mesh=None, rules=None) -> SampleOutput:
+           proxy_graphdefs=(), proxy_states=(), live=None, row_stops=None, mesh=None, rules=None) -> SampleOutput:
     """Pure sampler (jit-able, usable inside other jitted code).
 
     prompt_tokens int32[B, P] left-padded, prompt_mask bool[B, P] (every real row has at least
-    one true entry), rng a PRNG key, live bool[B] (false for batch-padding rows). With
+    one true entry), rng a PRNG key, live bool[B] (false for batch-padding rows), row_stops
+    int32[B, K] extra stop ids per prompt (-1 padded). With
     proxy_graphdefs=(expert, antiexpert) and their states, decodes from
     logits + config.proxy_alpha * (expert - antiexpert).
     """
     graphdefs, states = (graphdef, *proxy_graphdefs), (state, *proxy_states)
     _check_proxy(graphdefs)
     caches, logits = prefill(graphdefs, states, prompt_tokens, prompt_mask, config, mesh=mesh, rules=rules)
-    rows_live = None if live is None else jnp.repeat(live, config.n)
-    (tokens, logprobs, mask), _ = decode(graphdefs, states, caches, logits,
-                                         jnp.repeat(prompt_mask, config.n, axis=0), rng, config,
-                                         live=rows_live, mesh=mesh, rules=rules)
-    return _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config)
+    rows = lambda x: None if x is None else jnp.repeat(x, config.n, axis=0)  # noqa: E731
+    (tokens, logprobs, mask), _ = decode(graphdefs, states, caches, logits, rows(prompt_mask), rng, config,
+                                         live=rows(live), row_stops=rows(row_stops), mesh=mesh, rules=rules)
+    return _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config, rows(row_stops))
 
 
 def _check_proxy(graphdefs):
@@ -265,11 +272,11 @@ class Sampler:
         def prefill_fn(states, prompt_tokens, prompt_mask):
             return prefill(self.graphdefs, states, prompt_tokens, prompt_mask, **kw)
 
-        def decode_fn(states, caches, logits, prompt_tokens, prompt_mask, live, rng):
+        def decode_fn(states, caches, logits, prompt_tokens, prompt_mask, live, rng, row_stops):
             rows = lambda x: jnp.repeat(x, config.n, axis=0)  # noqa: E731
             (tokens, logprobs, mask), caches = decode(self.graphdefs, states, caches, logits, rows(prompt_mask),
-                                                      rng, live=rows(live), **kw)
-            return _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config), caches
+                                                      rng, live=rows(live), row_stops=rows(row_stops), **kw)
+            return _finish(tokens, logprobs, mask, prompt_tokens, prompt_mask, config, rows(row_stops)), caches
 
         self._prefill_fn, self._decode_fn = prefill_fn, decode_fn
         self._jitted = None
@@ -285,7 +292,7 @@ class Sampler:
         # prefill's outputs keep whatever sharding XLA gave them, so decode takes them as they come.
         self._jitted = (
             jax.jit(self._prefill_fn, in_shardings=(state_sh, None, None)),
-            jax.jit(self._decode_fn, donate_argnums=(1,), in_shardings=(state_sh,) + (None,) * 6),
+            jax.jit(self._decode_fn, donate_argnums=(1,), in_shardings=(state_sh,) + (None,) * 7),
         )
 
     def place(self, states):
@@ -301,27 +308,34 @@ class Sampler:
             self._compile(states)
         return self._jitted[0](tuple(states), prompt_tokens, prompt_mask)
 
-    def decode(self, states, caches, logits, prompt_tokens, prompt_mask, live, rng):
-        """(SampleOutput, final caches); `caches` are donated (updated in place)."""
+    def decode(self, states, caches, logits, prompt_tokens, prompt_mask, live, rng, row_stops=None):
+        """(SampleOutput, final caches); `caches` are donated (updated in place). row_stops
+        int32[B, K]: extra stop ids per prompt, -1 padded."""
         if self._jitted is None:
             self._compile(states)
-        return self._jitted[1](tuple(states), caches, logits, prompt_tokens, prompt_mask, live, rng)
+        if row_stops is None:
+            row_stops = jnp.zeros((prompt_tokens.shape[0], 0), jnp.int32)
+        return self._jitted[1](tuple(states), caches, logits, prompt_tokens, prompt_mask, live, rng, row_stops)
 
-    def __call__(self, state, prompt_tokens, prompt_mask, rng, proxy_states=(), live=None) -> SampleOutput:
+    def __call__(self, state, prompt_tokens, prompt_mask, rng, proxy_states=(), live=None,
+                 row_stops=None) -> SampleOutput:
         states = (state, *proxy_states)
         if len(states) != len(self.graphdefs):
             raise ValueError(f"expected {len(self.graphdefs)} model states; got {len(states)}.")
         if live is None:
             live = jnp.ones((prompt_tokens.shape[0],), bool)
+        if row_stops is None:
+            row_stops = jnp.zeros((prompt_tokens.shape[0], 0), jnp.int32)
         if self.mesh is not None:
             rules = self.rules or shd.DEFAULT_RULES
             batch2 = shd.batch_sharding(self.mesh, 2, rules, prompt_tokens.shape)
             prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch2)
             live = jax.device_put(live, shd.batch_sharding(self.mesh, 1, rules, live.shape))
+            row_stops = jax.device_put(row_stops, shd.batch_sharding(self.mesh, 2, rules, row_stops.shape))
             rng = jax.device_put(rng, shd.replicated(self.mesh))
         with contextlib.nullcontext() if self.mesh is None else shd.use_mesh(self.mesh, self.rules):
             caches, logits = self.prefill(states, prompt_tokens, prompt_mask)
-            return self.decode(states, caches, logits, prompt_tokens, prompt_mask, live, rng)[0]
+            return self.decode(states, caches, logits, prompt_tokens, prompt_mask, live, rng, row_stops)[0]
 
 
 def make_sampler(graphdef, config: SamplingConfig, *, proxy_graphdefs=(), mesh=None, rules=None) -> Sampler:
@@ -364,10 +378,12 @@ def _sampler_for(graphdefs, config, mesh, rules) -> Sampler:
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] | None = (), seed: int = 0, *,
-             min_p: float = 0.0, pad_id: int = 0, n: int = 1, mesh=None, rules=None, proxy=None) -> SampleOutput:
+             min_p: float = 0.0, pad_id: int = 0, n: int = 1, stop_ids: Sequence[Sequence[int]] | None = None,
+             mesh=None, rules=None, proxy=None) -> SampleOutput:
     """Samples `n` completions for each ragged prompt; rows are prompt-major (b * n + j).
 
-    temperature 0 is greedy. proxy=(expert_model, antiexpert_model, alpha) adds
+    temperature 0 is greedy. A row stops at any of `eos_ids` and, with stop_ids (one list per
+    prompt), at its own prompt's stop ids too (finish reason FINISH_EOS either way). proxy=(expert_model, antiexpert_model, alpha) adds
     alpha * (expert - antiexpert) logits at every step (proxy-tuning). With a mesh, the batch
     is split over ("data", "fsdp") and params by their logical axes (`rules`, default
     bridge.sharding.DEFAULT_RULES). The batch is padded to `bucket(len(prompts))` (and to a
@@ -396,9 +412,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     rows = -(-bucket(b) // step) * step
     tokens, mask = left_pad(prompts, bucket(max(len(p) for p in prompts), 16), rows, pad_id)
     live = np.arange(rows) < b
+    if stop_ids is not None and len(stop_ids) != b:
+        raise ValueError(f"stop_ids needs one list per prompt: {len(stop_ids)} lists for {b} prompts.")
+    row_stops = np.full((rows, max((len(s) for s in stop_ids or ()), default=0)), -1, np.int32)
+    for i, ids in enumerate(stop_ids or ()):
+        row_stops[i, :len(ids)] = ids
     states = sampler.place(states)
     out = sampler(states[0], jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
-                  proxy_states=states[1:], live=jnp.asarray(live))
+                  proxy_states=states[1:], live=jnp.asarray(live), row_stops=jnp.asarray(row_stops))
     return out if rows == b else _first_rows(out, b * n)
 
 

@@ -175,6 +175,25 @@ def test_positional_arguments_in_design_order(qwen3):
     assert no_eos.tokens.shape == (len(PROMPTS), 6)
 
 
+def test_stop_ids_per_row(qwen3):
+    """Each prompt's own stop ids end its rows (all n of them) at their first occurrence;
+    other rows run on; finish reasons and lengths follow."""
+    _, model = qwen3
+    free = sampling.generate(model, PROMPTS, 8, 0.0, n=2)
+    tokens = np.asarray(free.tokens)
+    stop0 = int(tokens[0, 3])
+    first = int(np.argmax(tokens[0] == stop0))
+    out = sampling.generate(model, PROMPTS, 8, 0.0, n=2, stop_ids=[[stop0], [], [-5], []])
+    mask, reason = np.asarray(out.mask), np.asarray(out.finish_reason)
+    for row in (0, 1):  # prompt 0's two samples
+        assert mask[row].sum() == first + 1 and reason[row] == sampling.FINISH_EOS
+        np.testing.assert_array_equal(np.asarray(out.tokens)[row, :first + 1], tokens[row, :first + 1])
+    np.testing.assert_array_equal(mask[2:], np.asarray(free.mask)[2:])
+    np.testing.assert_array_equal(np.asarray(out.tokens)[2:], tokens[2:])
+    with pytest.raises(ValueError, match="one list per prompt"):
+        sampling.generate(model, PROMPTS, 8, 0.0, stop_ids=[[1]])
+
+
 def test_top_k_1_equals_greedy(qwen3):
     _, model = qwen3
     greedy = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
