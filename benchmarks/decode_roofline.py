@@ -72,6 +72,7 @@ def main() -> None:
     from flax import nnx
 
     from bridge import models, sampling
+    from sampler_vs_hf import write_report
 
     dtype = jnp.dtype(args.dtype)
     cfg = models.ModelConfig(family="qwen3", **SHAPES[args.shape], qk_norm=True, tie_word_embeddings=True,
@@ -109,12 +110,7 @@ def main() -> None:
         f"{tokens_per_s / roofline:.0%} |", "",
         *(["On CPU the copy is not bandwidth-bound (see the script's docstring): not a roofline.", ""]
           if device.platform == "cpu" else [])])
-    print(text)
-    path = os.path.join(ROOT, "benchmarks", "results", f"decode_roofline_{device.platform}_{args.shape}.md")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}")
+    write_report(text, os.path.join(ROOT, "benchmarks", "results", f"decode_roofline_{device.platform}_{args.shape}.md"))
 
 
 if __name__ == "__main__":

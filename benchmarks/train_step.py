@@ -73,6 +73,7 @@ from flax import nnx  # noqa: E402
 from bridge import advantages as adv_lib, scoring, train_state  # noqa: E402
 from bridge.models import Decoder, ModelConfig, save_hf  # noqa: E402
 from bridge.stages import rl  # noqa: E402
+from sampler_vs_hf import write_report  # noqa: E402
 from configs import common  # noqa: E402
 from kernels.logprobs import api as logprobs_api  # noqa: E402
 
@@ -425,7 +426,7 @@ def report(res: dict) -> str:
         "",
         *table, "",
         "XLA-counted GFLOP: `compiled.cost_analysis()['flops']` of the whole step (elementwise work included). "
-        f"The diagnostic row computes no entropy (the step's `entropy` metric reads 0); it measures what the "
+        "The diagnostic row computes no entropy (the step's `entropy` metric reads 0); it measures what the "
         "metric costs.", "",
         *tunix_lines, "",
         f"## Where the time goes (bridge, token_logprobs {prof['implementation']})", "",
@@ -470,12 +471,7 @@ def main() -> None:
         res["profile"] = profile_step(graphdef, params, batch, fastest)
         res["sweep"] = kernel_sweep()
     res["load"] = (load_before, os.getloadavg()[0])
-    text = report(res)
-    print("\n" + text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(f"wrote {RESULTS}")
+    write_report(report(res), RESULTS)
 
 
 if __name__ == "__main__":
