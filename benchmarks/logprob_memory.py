@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
+from sampler_vs_hf import write_report  # noqa: E402
 
 BATCH, LENGTH, WIDTH, VOCAB = 8, 2048, 2048, 151_936
 GOAL_GIB = 1.5
@@ -143,11 +144,7 @@ def main():
     lines += ["", "Chunk-size sweep, token_logprobs gradient wrt (hidden, head):", "",
               "| chunk (tokens) | temp (GiB) |", "|---:|---:|"]
     lines += [f"| {chunk_size} | {temp:.3f} |" for chunk_size, temp in sweep]
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as results:
-        results.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {RESULTS}")
+    write_report("\n".join(lines) + "\n", RESULTS)
 
 
 if __name__ == "__main__":

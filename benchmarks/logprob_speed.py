@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
+from sampler_vs_hf import write_report  # noqa: E402
 
 BATCH, LENGTH, WIDTH, VOCAB = 4, 512, 512, 32_000
 REPEATS = 3
@@ -86,11 +87,7 @@ def main():
     ]
     lines += [f"| {name} | {reference_s:.3f} | {chunked_s:.3f} | {chunked_s / reference_s:.2f} |"
               for name, reference_s, chunked_s in rows]
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as results:
-        results.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {RESULTS}")
+    write_report("\n".join(lines) + "\n", RESULTS)
 
 
 if __name__ == "__main__":

@@ -122,19 +122,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def report(results: list[dict]) -> str:
-    table = ["| threads | batch | bridge tok/s | transformers tok/s | ratio | CPU-time ratio | same greedy tokens |",
+def ratio_table(results: list[dict], peer_key: str, peer_name: str) -> tuple[list[str], list[str], str]:
+    """(table lines, load-average notes, machine line) of the worker results, bridge vs one peer."""
+    table = [f"| threads | batch | bridge tok/s | {peer_name} tok/s | ratio | CPU-time ratio | same greedy tokens |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     loads = []
     for res in results:
         threads = f"{os.cpu_count()} (all)" if res["threads"] == "all" else res["threads"]
         for r in res["rows"]:
             cpu_ratio = "-" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}x"
-            table.append(f"| {threads} | {r['batch']} | {r['ours']:.0f} | {r['hf']:.0f} | "
-                         f"{r['ours'] / r['hf']:.2f}x | {cpu_ratio} | {r['agree']:.1%} |")
+            table.append(f"| {threads} | {r['batch']} | {r['ours']:.0f} | {r[peer_key]:.0f} | "
+                         f"{r['ours'] / r[peer_key]:.2f}x | {cpu_ratio} | {r['agree']:.1%} |")
         loads.append(f"threads {threads}: {res['load'][0][0]:.1f} before, {res['load'][1][0]:.1f} after")
     machine = (f"{cpu_name()}, {os.cpu_count()} cores; {platform.system()} {platform.release()}, "
                f"Python {platform.python_version()}, {results[0]['versions']}")
+    return table, loads, machine
+
+
+def report(results: list[dict]) -> str:
+    table, loads, machine = ratio_table(results, "hf", "transformers")
     return "\n".join([
         "# Sampler vs transformers generate (CPU, float32)", "",
         f"Qwen3-shaped random model: {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "

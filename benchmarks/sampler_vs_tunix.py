@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 
-from sampler_vs_hf import (BATCHES, MODEL, NEW_TOKENS, PROMPT_LEN, REPEATS, cpu_name,  # noqa: E402
+from sampler_vs_hf import (BATCHES, MODEL, NEW_TOKENS, PROMPT_LEN, REPEATS, ratio_table,  # noqa: E402
                            run_benchmark)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sampler_vs_tunix.md")
@@ -133,18 +132,7 @@ def worker(path: str, threads: str) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    table = ["| threads | batch | bridge tok/s | Tunix tok/s | ratio | CPU-time ratio | same greedy tokens |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    loads = []
-    for res in results:
-        threads = f"{os.cpu_count()} (all)" if res["threads"] == "all" else res["threads"]
-        for r in res["rows"]:
-            cpu_ratio = "-" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}x"
-            table.append(f"| {threads} | {r['batch']} | {r['ours']:.0f} | {r['tunix']:.0f} | "
-                         f"{r['ours'] / r['tunix']:.2f}x | {cpu_ratio} | {r['agree']:.1%} |")
-        loads.append(f"threads {threads}: {res['load'][0][0]:.1f} before, {res['load'][1][0]:.1f} after")
-    machine = (f"{cpu_name()}, {os.cpu_count()} cores; {platform.system()} {platform.release()}, "
-               f"Python {platform.python_version()}, {results[0]['versions']}")
+    table, loads, machine = ratio_table(results, "tunix", "Tunix")
     return "\n".join([
         "# Sampler vs Tunix's sampler (CPU, float32)", "",
         f"Qwen3-shaped random model: {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "

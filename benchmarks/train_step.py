@@ -73,7 +73,7 @@ from flax import nnx  # noqa: E402
 from bridge import advantages as adv_lib, scoring, train_state  # noqa: E402
 from bridge.models import Decoder, ModelConfig, save_hf  # noqa: E402
 from bridge.stages import rl  # noqa: E402
-from sampler_vs_hf import write_report  # noqa: E402
+from sampler_vs_hf import cpu_name, write_report  # noqa: E402
 from configs import common  # noqa: E402
 from kernels.logprobs import api as logprobs_api  # noqa: E402
 
@@ -305,17 +305,6 @@ def kernel_sweep() -> list[dict]:
                                     repeats=3 if n > 2000 else PIECE_REPEATS)
         rows.append(row)
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class TunixPeer:

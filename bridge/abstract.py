@@ -73,16 +73,16 @@ def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int):
     frozen = None
     if s.kind == "rl":
         loss_fn = rl.make_loss_fn(s)
-        weight = common.token_count("row_weight") if s.aggregation == "token-mean" else train_state.rows
+        weight = rl.microbatch_weight(s)
     elif s.kind == "sft":
         teacher_graphdef, frozen = nnx.split(models[s.teacher])
-        loss_fn, weight = sft.make_loss_fn(s, teacher_graphdef), common.token_count()
+        loss_fn, weight = sft.make_loss_fn(s, teacher_graphdef), sft.MICROBATCH_WEIGHT
     else:
         refs = [s.teacher, *s.extra_teachers]
         split = [nnx.split(models[r]) for r in refs]
         weights = list(s.teacher_weights) or [1.0 / len(refs)] * len(refs)
         loss_fn, frozen = opd.make_loss_fn(s, [g for g, _ in split], weights), [t for _, t in split]
-        weight = common.token_count("token_weight")
+        weight = opd.MICROBATCH_WEIGHT
     if frozen is not None:
         frozen = _spec_like(frozen, sharding.state_shardings(frozen, mesh, rules))
     update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=state_sharding,
@@ -159,7 +159,7 @@ def scoring_program(c, name: str, mesh, rules, models: dict, *, prompt_len: int,
     graphdef, state = nnx.split(models[slot])
     fn = scoring.in_slices(lambda st, b: scoring.completion_logprobs(nnx.merge(graphdef, st), b, 1.0,
                                                                       return_entropy=True),
-                           int(s.minibatches * s.microbatches))
+                           common.scoring_slices(s))
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules, shape))
              for k, (shape, dtype) in batch_shapes(s, rows, prompt_len, int(s.max_new_tokens)).items()
              if k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from bridge.models.tokenizer import pad_id as tokenizer_pad_id
+from bridge.sampling.sampler import left_pad
 from bridge.tasks.base import Example, Task
 
 
@@ -183,12 +184,7 @@ def make_prompt_iterator(
 
     def build(local: list[int], epoch: int) -> PromptBatch:
         rows = [ids[i] for i in local]
-        width = _bucket_length(max(map(len, rows)), lengths)
-        out = np.full((len(rows), width), pad, np.int32)
-        mask = np.zeros((len(rows), width), bool)
-        for r, tokens in enumerate(rows):
-            out[r, width - len(tokens) :] = tokens
-            mask[r, width - len(tokens) :] = True
+        out, mask = left_pad(rows, _bucket_length(max(map(len, rows)), lengths), len(rows), pad)
         return PromptBatch(out, mask, [examples[i] for i in local], epoch)
 
     return BatchIterator(

@@ -58,6 +58,12 @@ def token_count(weight_key: str | None = None) -> Callable:
     return count
 
 
+def scoring_slices(scfg) -> int:
+    """Slices a rollout batch is scored in: each as many rows as an update's micro-batch, so
+    scoring needs no more activation memory than training."""
+    return int(scfg.minibatches * scfg.microbatches)
+
+
 def frozen_state(model):
     """A scoring-only model's state (teacher, reference), as an argument to jitted steps."""
     return nnx.split(model)[1]

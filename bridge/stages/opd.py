@@ -28,6 +28,9 @@ PG_LOSSES = ("sampled_reverse_kl", "exopd")
 FULL_LOSSES = ("reverse_kl", "forward_kl", "jsd", "forward_ce")
 
 
+MICROBATCH_WEIGHT = common.token_count("token_weight")  # every opd loss is a token mean
+
+
 def make_loss_fn(scfg, teacher_graphdefs, weights):
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
 
@@ -66,10 +69,10 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     graphdefs, teacher_states = [g for g, _ in split], [s for _, s in split]
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, graphdefs, weights),
                                   scfg.steps * scfg.epochs * scfg.minibatches, microbatches=scfg.microbatches,
-                                  microbatch_weight=common.token_count("token_weight"))
+                                  microbatch_weight=MICROBATCH_WEIGHT)
     base_state = jax.tree.map(jnp.copy, nnx.split(model)[1]) if scfg.loss == "exopd" else None
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
-    slices = scfg.minibatches * scfg.microbatches  # scored in slices of an update micro-batch's rows
+    slices = common.scoring_slices(scfg)
     score_student = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
         nnx.merge(trainer.graphdef, s), b, temperature, return_entropy=True), slices))
     score_teachers = [jax.jit(scoring.in_slices(lambda s, b, g=g: scoring.completion_logprobs(

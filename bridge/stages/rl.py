@@ -32,6 +32,11 @@ from bridge.stages import common
 from bridge.tasks import soft_overlong_penalty
 
 
+def microbatch_weight(scfg):
+    """Weight of a micro-batch in the accumulated gradient: tokens for token-mean, else rows."""
+    return common.token_count("row_weight") if scfg.aggregation == "token-mean" else train_state.rows
+
+
 def make_loss_fn(scfg):
     """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus."""
     policy = losses.policy_loss(scfg.loss, **scfg.loss_kwargs.to_dict())
@@ -114,17 +119,14 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         raise ValueError(f"Stage {name!r}: kl_mode must be 'loss' or 'reward', not {scfg.kl_mode!r}.")
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
-    weight = common.token_count("row_weight") if scfg.aggregation == "token-mean" else train_state.rows
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates,
-                                  microbatches=scfg.microbatches, microbatch_weight=weight)
+                                  microbatches=scfg.microbatches, microbatch_weight=microbatch_weight(scfg))
     reference = common.frozen_state(model) if scfg.kl_coef > 0 else None
     if reference is not None:
         reference = jax.tree.map(jnp.copy, reference)
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
-    # Scored in slices of an update micro-batch's rows: the same activation memory as training.
     score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
-        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True),
-        scfg.minibatches * scfg.microbatches))
+        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True), common.scoring_slices(scfg)))
     data = ctx.prompts(name, scfg.prompts_per_step)
     estimator = adv_lib.advantage_estimator(scfg.advantage)
 

@@ -86,6 +86,9 @@ def load_or_build_pool(ctx, name, scfg, teacher) -> dict:
     return pool
 
 
+MICROBATCH_WEIGHT = common.token_count()  # every sft loss is a token mean
+
+
 def make_loss_fn(scfg, teacher_graphdef):
     def loss_fn(model, batch, frozen):
         mask = batch["mask"]
@@ -117,7 +120,7 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     pool = load_or_build_pool(ctx, name, scfg, teacher)
     teacher_graphdef, teacher_state = (nnx.split(teacher) if teacher is not None else (None, None))
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, teacher_graphdef), scfg.steps,
-                                  microbatches=scfg.microbatches, microbatch_weight=common.token_count())
+                                  microbatches=scfg.microbatches, microbatch_weight=MICROBATCH_WEIGHT)
     rows = len(pool["tokens"])
     bs = int(scfg.batch_size)
     if bs > rows:
