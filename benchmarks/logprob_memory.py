@@ -1,4 +1,4 @@
-"""Compiled working memory of kernels.logprobs at real vocabulary size (compile only).
+"""Compiled working memory of bridge.kernels.logprobs at real vocabulary size (compile only).
 
 For N = B * T = 8 * 2048 = 16,384 tokens, hidden size D = 2048 (teacher and student),
 V = 151,936 (the Qwen vocabulary), float32, this lowers and compiles (never runs)
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
+from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
 from sampler_vs_hf import write_report  # noqa: E402
 
 BATCH, LENGTH, WIDTH, VOCAB = 8, 2048, 2048, 151_936
@@ -115,7 +115,7 @@ def main():
         print(f"chunk {chunk_size:4d}: token_logprobs grad temp {temp:.3f} GiB", flush=True)
 
     lines = [
-        "# kernels.logprobs: compiled working memory",
+        "# bridge.kernels.logprobs: compiled working memory",
         "",
         f"N = B*T = {BATCH}*{LENGTH} = {BATCH * LENGTH} tokens, D = {WIDTH} (student and "
         f"teacher), V = {VOCAB}, float32. XLA `compiled.memory_analysis().temp_size_in_bytes` "

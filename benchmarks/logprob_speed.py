@@ -1,4 +1,4 @@
-"""Wall time of kernels.logprobs, reference vs chunked, at a size that runs on a laptop CPU.
+"""Wall time of bridge.kernels.logprobs, reference vs chunked, at a size that runs on a laptop CPU.
 
 N = B * T = 4 * 512 tokens, D = 512, V = 32,000, float32: `jax.jit` of the token_logprobs
 forward, its gradient wrt (hidden, lm_head), and the gradient of the full-vocabulary JSD
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
+from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
 from sampler_vs_hf import write_report  # noqa: E402
 
 BATCH, LENGTH, WIDTH, VOCAB = 4, 512, 512, 32_000
@@ -70,7 +70,7 @@ def main():
         print(f"{name:40s} reference {reference_s:.3f} s  chunked {chunked_s:.3f} s", flush=True)
     device = jax.devices()[0]
     lines = [
-        "# kernels.logprobs: wall time, reference vs chunked",
+        "# bridge.kernels.logprobs: wall time, reference vs chunked",
         "",
         f"N = {BATCH}*{LENGTH} = {BATCH * LENGTH} tokens, D = {WIDTH}, V = {VOCAB}, float32; "
         f"jitted, median of {REPEATS} runs after one warm-up run. Chunked at its default chunk "

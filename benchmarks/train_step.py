@@ -11,7 +11,7 @@ bridge's step is `train_state.make_update_step(graphdef, rl.make_loss_fn(common.
 make_optimizer(...))`: GRPO clipped surrogate (0.2/0.2), token-mean, no KL, AdamW (b1 0.9,
 b2 0.99, no weight decay) after global-norm clipping at 1.0, the non-finite guard, state
 donated. It runs with each `token_logprobs` implementation ("auto" = the size dispatch of
-`kernels/logprobs/api.py`, "reference", "chunked"; forced by rebinding `scoring.token_logprobs`
+`bridge/kernels/logprobs/api.py`, "reference", "chunked"; forced by rebinding `scoring.token_logprobs`
 to a partial with `implementation=`). Each compiled step is warmed up (compiled) and then the
 variants are timed alternately, REPEATS steps each (the state carries over, the batch is
 fixed), wall time until the new state and metrics are ready; the median is reported. The
@@ -75,7 +75,7 @@ from bridge.models import Decoder, ModelConfig, save_hf  # noqa: E402
 from bridge.stages import rl  # noqa: E402
 from sampler_vs_hf import cpu_name, write_report  # noqa: E402
 from configs import common  # noqa: E402
-from kernels.logprobs import api as logprobs_api  # noqa: E402
+from bridge.kernels.logprobs import api as logprobs_api  # noqa: E402
 
 ROWS, PROMPT_LEN, COMPLETION_LEN = 8, 32, 96
 REWARDS = (1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0)  # one group of 8

@@ -3,7 +3,7 @@
 A batch holds left-padded prompts and right-padded completions:
     prompt_tokens int32[B, P], prompt_mask bool[B, P], tokens int32[B, N], mask bool[B, N].
 The hidden state that predicts completion token t sits at position P - 1 + t of the joined
-sequence. Logits are never materialized: `kernels.logprobs` streams over the vocabulary.
+sequence. Logits are never materialized: `bridge.kernels.logprobs` streams over the vocabulary.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from bridge.sharding import join_rows, split_rows
-from kernels.logprobs import token_divergence, token_logprobs
+from bridge.kernels.logprobs import token_divergence, token_logprobs
 
 BATCH_AXES = ("data", "fsdp")
 

@@ -4,7 +4,7 @@ Inputs are logits [..., V]; outputs are per-position values [...] (no reduction:
 with `bridge.losses.aggregate`). `temperature` divides both logits before the softmax.
 The teacher is always a constant (stop_gradient): gradients reach the student only.
 Log-probabilities come from log_softmax, so |logits| ~ 1e4 stays finite.
-The large-V streaming forms live in `kernels/logprobs` and must agree with these.
+The large-V streaming forms live in `bridge/kernels/logprobs` and must agree with these.
 
     forward_kl             KL(T || S) = sum_v p_T (log p_T - log p_S)     (mode covering; SFT/GKD)
     reverse_kl             KL(S || T) = sum_v p_S (log p_S - log p_T)     (mode seeking; MiniLLM, OPD)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from bridge.models.config import ModelConfig
 from bridge.sharding import constrain
-from kernels.attention.api import attention
+from bridge.kernels.attention.api import attention
 
 
 @flax.struct.dataclass
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
         self.shape = (h, kv, hd)
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, write_index=None):
-        """x [B,T,D]; mask (query_slots int[T], key_valid bool[B,S]) as in `kernels.attention`;
+        """x [B,T,D]; mask (query_slots int[T], key_valid bool[B,S]) as in `bridge.kernels.attention`;
         kv: this layer's cached (k, v) [B,Hkv,S,Dh] or None. Returns (out, kv)."""
         b, t, _ = x.shape
         h, nkv, hd = self.shape

@@ -7,7 +7,7 @@ Pool (built once, saved in the workdir so a resumed run reuses it):
 `task_options` override the run task's options for the pool (e.g. a larger train split).
 Loss:
   loss="forward_kl":    mean_t KL(p_T(.|x,y<t) || p_S(.|x,y<t)) over the full vocabulary
-                        (the bridge's warmup; streamed through kernels.logprobs);
+                        (the bridge's warmup; streamed through bridge.kernels.logprobs);
   loss="cross_entropy": -mean_t log p_S(y_t | x, y<t) on the pool's tokens (SeqKD / SFT).
 Rows are drawn by a seeded permutation per epoch, so the batch at step i is a function of i.
 """

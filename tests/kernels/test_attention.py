@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from kernels.attention import api, chunked, reference
+from bridge.kernels.attention import api, chunked, reference
 
 
 def inputs(b, t, s, h, hkv, dh, offset, seed=0, dtype=jnp.float32):

@@ -1,4 +1,4 @@
-"""kernels.logprobs.token_divergence: every kind (full vocabulary and top-k) against a NumPy
+"""bridge.kernels.logprobs.token_divergence: every kind (full vocabulary and top-k) against a NumPy
 reference, chunked gradients against autodiff of the plain-jnp reference, teacher
 stop-gradient, and a compile-only memory check."""
 import functools
@@ -12,7 +12,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
-from kernels.logprobs import chunked, token_divergence, token_logprobs
+from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs
 
 # Odd shapes; teacher and student share V but not the hidden size.
 B, T, V = 2, 37, 1000 + 7

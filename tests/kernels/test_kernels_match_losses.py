@@ -1,4 +1,4 @@
-"""The large-V streaming kernels (`kernels.logprobs`) agree with the small-V objectives
+"""The large-V streaming kernels (`bridge.kernels.logprobs`) agree with the small-V objectives
 (`bridge.losses`) applied to the materialized logits hidden @ head: values and gradients
 with respect to the student's hidden states and head, for both implementations, on odd
 shapes with masked positions. Both sides run in float32; tolerance rtol 1e-5."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bridge import losses
-from kernels.logprobs import token_divergence, token_logprobs
+from bridge.kernels.logprobs import token_divergence, token_logprobs
 
 # Odd shapes: N = B * T = 21 rows is not a multiple of the chunk (4); V = 37 is prime.
 B, T, V = 3, 7, 37

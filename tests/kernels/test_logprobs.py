@@ -1,4 +1,4 @@
-"""kernels.logprobs.token_logprobs: every implementation against a NumPy reference (values
+"""bridge.kernels.logprobs.token_logprobs: every implementation against a NumPy reference (values
 and analytic gradients) and against autodiff of the plain-jnp reference, on odd shapes."""
 import unittest.mock
 
@@ -10,7 +10,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
-from kernels.logprobs import api, chunked, reference, token_logprobs
+from bridge.kernels.logprobs import api, chunked, reference, token_logprobs
 
 # Odd shapes: T = 37 is not a multiple of the chunk (16), V = 1007 is not a power of two.
 B, T, D, V = 2, 37, 24, 1000 + 7

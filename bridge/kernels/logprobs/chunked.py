@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels.logprobs import reference
+from bridge.kernels.logprobs import reference
 
 # Target size of one [chunk_size, V] float32 buffer when chunk_size is not given; the
 # backward pass of a divergence keeps several such buffers alive at once.

@@ -8,7 +8,7 @@ else ``"chunked"`` (stream over token chunks with a recomputing custom VJP; neve
 """
 import math
 
-from kernels.logprobs import chunked, reference
+from bridge.kernels.logprobs import chunked, reference
 
 IMPLEMENTATIONS = ("reference", "chunked")
 REFERENCE_MAX_LOGITS_BYTES = 64 * 2**20

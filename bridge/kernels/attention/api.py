@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import chunked, reference
+from bridge.kernels.attention import chunked, reference
 
 CHUNKED_ABOVE_BYTES = 64 << 20
 
