@@ -55,7 +55,8 @@ def batch_shapes(scfg, rows: int, prompt_len: int, completion: int) -> dict:
         if scfg.kl_coef > 0:
             shapes["ref_logp"] = (tokens, f32)
     if scfg.kind == "opd":
-        shapes.update(old_logp=(tokens, f32), advantages=(tokens, f32), token_weight=(tokens, f32))
+        shapes.update(old_logp=(tokens, f32), advantages=(tokens, f32), token_weight=(tokens, f32),
+                      tis_weight=(tokens, f32))
     return shapes
 
 
@@ -80,7 +81,7 @@ def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int):
     else:
         refs = [s.teacher, *s.extra_teachers]
         split = [nnx.split(models[r]) for r in refs]
-        weights = list(s.teacher_weights) or [1.0 / len(refs)] * len(refs)
+        weights = opd.teacher_weights(name, s, len(refs))
         loss_fn, frozen = opd.make_loss_fn(s, [g for g, _ in split], weights), [t for _, t in split]
         weight = opd.MICROBATCH_WEIGHT
     if frozen is not None:

@@ -4,13 +4,18 @@ Sequence-level (sparse rewards, one per completion; groups are consecutive block
 `group_size` completions of the same prompt):
     group_advantages    A = (r - mean_g) / (std_g + eps)   GRPO (Shao et al. 2024), ddof=1 as verl/TRL
                         A = r - mean_g  (scale="none")      Dr. GRPO (Liu et al. 2025)
+                        A = 0 where max_g - min_g <= spread_tol (groups equal within a tolerance)
     rloo_advantages     A_i = r_i - mean_{j != i} r_j      RLOO (Ahmadian et al. 2024)
 Token-level (dense rewards from a teacher; logp arrays float[B, T]):
     opd_token_advantages      -coef (log p_S - log p_T)                 on-policy distillation
     exopd_token_advantages    lam (log p_T - log p_B) - (log p_S - log p_B)   reward extrapolation
     erpd_rewards              whiten(log p_pos - log p_neg)            ERPD stage 2
     ensemble_rewards          weighted mean of whitened signals
-    tip_token_weights         keep the most important tokens (entropy x divergence)
+    tip_token_weights         0/1 token selection, TIP (Xu et al. 2026), H = student entropy,
+                              D = teacher-student divergence, quantiles over masked tokens:
+        rule="entropy"   top round(keep_fraction * n) tokens by H
+        rule="q3"        H < quantile(H, entropy_quantile) and D > quantile(D, divergence_quantile)
+        rule="union"     entropy or q3 (default)
 Utilities: whiten (masked, unbiased variance, as verl's masked_whiten).
 
 Everything is a pure jnp function; sequence-level results are float[N], token-level [B, T].
@@ -37,23 +42,36 @@ def _grouped(rewards, group_size):
     return rewards.reshape(-1, group_size)
 
 
-def group_advantages(rewards, group_size, scale="std", eps=1e-6):
+def group_advantages(rewards, group_size, scale="std", eps=1e-6, spread_tol=1e-3):
     """Group-normalized advantages (GRPO; Dr. GRPO with scale="none").
 
         A_i = (r_i - mean_g(r)) / (std_g(r) + eps)   scale="std", std unbiased (ddof=1)
         A_i =  r_i - mean_g(r)                       scale="none"
+        A_i =  0                                     if max_g(r) - min_g(r) <= spread_tol
 
-    A group whose rewards are all equal gets exactly 0 (never NaN), also for group_size 1.
+    spread_tol is an absolute tolerance in reward units (a Python float >= 0). A group whose
+    rewards are equal within it carries no preference between its completions and gets
+    exactly 0 (never NaN), for both scales and for group_size 1. Why a tolerance and not
+    exact equality: rewards often have small per-sequence terms subtracted (a KL penalty of
+    ~1e-5..1e-4), so an all-correct group is [1 - kl_1, ..., 1 - kl_G] with distinct values;
+    dividing by its std rescales that noise to advantages of order 1, as large as a real
+    correct/incorrect split. verl adds eps to the std and has this same problem (eps=1e-6 is
+    far below such a spread). The default 1e-3 sits well above that noise and well below real
+    reward differences (0/1 correctness, partial credit in steps of 0.1 or more); set it to 0
+    to zero only exactly equal groups. A group whose spread exceeds the tolerance is
+    normalized as usual, without any shrinkage.
     """
     if scale not in GROUP_SCALES:
         raise ValueError(f"Unknown advantage scale {scale!r}; choose one of {GROUP_SCALES}.")
+    if not spread_tol >= 0:
+        raise ValueError(f"spread_tol must be >= 0 (got {spread_tol}).")
     groups = _grouped(rewards, group_size)
     centered = groups - jnp.mean(groups, axis=1, keepdims=True)
     if scale == "std":
         variance = jnp.sum(jnp.square(centered), axis=1, keepdims=True) / max(group_size - 1, 1)
         centered = centered / (jnp.sqrt(variance) + eps)
-    constant = jnp.max(groups, axis=1, keepdims=True) == jnp.min(groups, axis=1, keepdims=True)
-    return jnp.where(constant, 0.0, centered).reshape(-1)
+    spread = jnp.max(groups, axis=1, keepdims=True) - jnp.min(groups, axis=1, keepdims=True)
+    return jnp.where(spread <= spread_tol, 0.0, centered).reshape(-1)
 
 
 def rloo_advantages(rewards, group_size):
@@ -154,28 +172,65 @@ def ensemble_rewards(list_of_rewards, weights=None, mask=None):
     return jnp.tensordot(weights / jnp.sum(weights), whitened, axes=1)
 
 
-def tip_token_weights(student_entropy, divergence, mask, alpha=1.0, gamma=1.0, keep_fraction=0.5):
-    """Token-importance selection for distillation (TIP-style): 0/1 weights [B, T].
+TIP_RULES = ("entropy", "q3", "union")
 
-        score_t = (H_t / mean_m H)^alpha * (max(D_t, 0) / mean_m D)^gamma
 
-    H = student entropy, D = teacher-student divergence per token, means over masked
-    tokens. Keeps the round(keep_fraction * n) highest-scoring masked tokens of the batch
-    (at least one when any token is masked; ties go to the earlier position). The
-    selection is invariant to rescaling H or D; the normalization keeps powers in range.
-    """
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in (0, 1] (got {keep_fraction}).")
-    entropy_ = jax.lax.stop_gradient(jnp.asarray(student_entropy, jnp.float32))
-    divergence = jnp.maximum(jax.lax.stop_gradient(jnp.asarray(divergence, jnp.float32)), 0.0)
-    mask = jnp.broadcast_to(mask, entropy_.shape) != 0
+def _top_fraction(score, mask, keep_fraction):
+    """bool mask of the round(keep_fraction * n) highest-scoring masked entries (n = masked
+    count; at least one when n > 0); ties go to the earlier position in row-major order."""
     count = jnp.sum(mask)
-    norm_entropy = safe_divide(entropy_, safe_divide(jnp.sum(jnp.where(mask, entropy_, 0)), count))
-    norm_divergence = safe_divide(divergence, safe_divide(jnp.sum(jnp.where(mask, divergence, 0)), count))
-    score = jnp.power(norm_entropy, alpha) * jnp.power(norm_divergence, gamma)
-    score = jnp.where(mask, score, -jnp.inf).reshape(-1)
-    order = jnp.argsort(-score, stable=True)
+    order = jnp.argsort(-jnp.where(mask, score, -jnp.inf).reshape(-1), stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size))
     keep_count = jnp.maximum(jnp.floor(keep_fraction * count + 0.5), jnp.minimum(count, 1))
-    keep = (rank < keep_count).reshape(mask.shape) & mask
+    return (rank < keep_count).reshape(mask.shape) & mask
+
+
+def _masked_quantile(values, mask, q):
+    """The q-quantile of values over masked entries (NumPy's default linear interpolation);
+    NaN when nothing is masked, so every comparison against it is False."""
+    return jnp.nanquantile(jnp.where(mask, values, jnp.nan).reshape(-1), q)
+
+
+def tip_token_weights(student_entropy, divergence, mask, rule="union", keep_fraction=0.5,
+                      entropy_quantile=0.5, divergence_quantile=0.5):
+    """Token selection for on-policy distillation, TIP (Xu et al. 2026, "TIP: Token Importance
+    in On-Policy Distillation", arXiv:2604.14084): float32 0/1 weights [B, T].
+
+    H = student entropy, D = teacher-student divergence per token (float[B, T]; higher = more
+    divergent, used as given, e.g. the sampled-token log p_S - log p_T or a full-vocab KL).
+    The paper finds informative tokens in two regions: high student entropy (the student is
+    unsure), and low entropy with high divergence ("Q3": the student is confident and the
+    teacher disagrees, i.e. overconfident and wrong), which entropy-only selection misses.
+
+        rule="entropy"  keep the round(keep_fraction * n) masked tokens with the highest H
+                        (n = number of masked tokens in the batch; at least one when n > 0;
+                        ties go to the earlier position, row-major)
+        rule="q3"       keep masked t with  H_t < quantile_m(H, entropy_quantile)
+                                       and  D_t > quantile_m(D, divergence_quantile)
+        rule="union"    keep t if either rule keeps it (default)
+
+    quantile_m is over the masked tokens of the whole batch only (NumPy's default linear
+    interpolation); both bounds are strict, so a token exactly at a threshold is not in Q3,
+    and a batch whose masked entropies are all equal has no Q3 tokens. keep_fraction is used
+    by "entropy" and "union", the quantiles by "q3" and "union". Positions off the mask are
+    always 0; an empty mask gives all zeros. The inputs are under stop_gradient. Jit-able
+    with rule, keep_fraction and the quantiles static Python values and the arrays traced.
+    """
+    if rule not in TIP_RULES:
+        raise ValueError(f"Unknown TIP rule {rule!r}; choose one of {TIP_RULES}.")
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1] (got {keep_fraction}).")
+    for label, q in (("entropy_quantile", entropy_quantile), ("divergence_quantile", divergence_quantile)):
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"{label} must be in [0, 1] (got {q}).")
+    entropy_ = jax.lax.stop_gradient(jnp.asarray(student_entropy, jnp.float32))
+    divergence = jax.lax.stop_gradient(jnp.asarray(divergence, jnp.float32))
+    mask = jnp.broadcast_to(mask, entropy_.shape) != 0
+    keep = jnp.zeros(mask.shape, bool)
+    if rule in ("entropy", "union"):
+        keep |= _top_fraction(entropy_, mask, keep_fraction)
+    if rule in ("q3", "union"):
+        low_entropy = entropy_ < _masked_quantile(entropy_, mask, entropy_quantile)
+        high_divergence = divergence > _masked_quantile(divergence, mask, divergence_quantile)
+        keep |= low_entropy & high_divergence & mask
     return keep.astype(jnp.float32)

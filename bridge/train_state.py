@@ -1,6 +1,7 @@
 """Explicit training state and the jitted update step every stage shares.
 
     state' = state            if loss or any gradient is non-finite (skipped, counted)
+             state            if the batch has no weight (every row dropped: a no-op, reported)
              optax_update     otherwise
 
 A stage supplies `loss_fn(model, batch, frozen) -> (loss, metrics)`; `frozen` carries the
@@ -75,6 +76,12 @@ def rows(batch) -> jax.Array:
     return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
 
 
+def _normalized(weights: jax.Array) -> jax.Array:
+    """w / sum(w); all zeros when every weight is 0 (an empty batch: loss and gradient 0)."""
+    total = jnp.sum(weights)
+    return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+
+
 def accumulate_gradients(objective: Callable, params, batch, microbatches: int, weight: Callable = rows):
     """((loss, metrics), grads) of `objective(params, batch)`, accumulated over micro-batches.
 
@@ -86,14 +93,15 @@ def accumulate_gradients(objective: Callable, params, batch, microbatches: int, 
 
     with w_m = weight(slice m). Rows for row-averaged losses, the slice's token count for
     token-mean losses: then L and its gradient equal the whole batch's exactly (in exact
-    arithmetic). Metrics are averaged with the same weights.
+    arithmetic). Metrics are averaged with the same weights. When every w_m is 0 (no row
+    counts) L and its gradient are 0, as for one pass over the empty batch.
     """
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if microbatches == 1:
         return grad_fn(params, batch)
     slices = sharding_lib.split_rows(batch, microbatches)
     weights = jax.vmap(weight)(slices)
-    weights = weights / jnp.sum(weights)
+    weights = _normalized(weights)
 
     def step(total, args):
         piece, w = args
@@ -110,9 +118,12 @@ def make_update_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformati
                      state_sharding=None, microbatches: int = 1, microbatch_weight: Callable = rows):
     """jit((state, batch, frozen) -> (state, metrics)) with the state donated.
 
-    metrics gain "loss", "grad_norm" and "update_skipped" (1.0 when this update was dropped).
-    microbatches > 1 accumulates the gradient over slices of the batch
-    (`accumulate_gradients`), trading steps for activation memory.
+    metrics gain "loss", "grad_norm", "update_skipped" (1.0 when this update was dropped for
+    a non-finite loss or gradient) and "update_empty" (1.0 when `microbatch_weight` of the
+    whole batch is 0, e.g. every group dropped by DAPO's filter: params, optimizer moments and
+    the step count stay as they are, whatever the micro-batch count). microbatches > 1
+    accumulates the gradient over slices of the batch (`accumulate_gradients`), trading steps
+    for activation memory.
     """
     def step(state: TrainState, batch, frozen):
         def objective(params, batch):
@@ -122,22 +133,24 @@ def make_update_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformati
                                                       microbatch_weight)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         finite = jnp.isfinite(loss) & _all_finite(grads)
+        empty = microbatch_weight(batch) <= 0
+        apply_update = finite & ~empty
 
         def apply(operands):
             params, opt_state = operands
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state = jax.lax.cond(finite, apply, lambda operands: operands,
+        params, opt_state = jax.lax.cond(apply_update, apply, lambda operands: operands,
                                          (state.params, state.opt_state))
         new_state = TrainState(
-            step=state.step + finite.astype(jnp.int32),
+            step=state.step + apply_update.astype(jnp.int32),
             params=params,
             opt_state=opt_state,
             skipped=jnp.where(finite, 0, state.skipped + 1),
         )
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       update_skipped=1.0 - finite.astype(jnp.float32))
+                       update_skipped=1.0 - finite.astype(jnp.float32), update_empty=empty.astype(jnp.float32))
         return new_state, metrics
 
     out_shardings = None if state_sharding is None else (state_sharding, None)

@@ -49,7 +49,7 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
     s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, group_size=8,
            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
-           advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", entropy_coef=0.0,
+           advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", reference="", entropy_coef=0.0,
            sample_batch_size=0, minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
            overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, optimizer=optimizer(lr))
     s.update(kw)
@@ -69,10 +69,11 @@ def sft_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigD
 def opd_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
     """On-policy distillation with sampled-token reverse KL advantages by default."""
     s = cd(kind="opd", model=model, init="", steps=steps, teacher="teacher", extra_teachers=(),
-           teacher_weights=(), prompts_per_step=32, group_size=8, temperature=1.0, top_p=1.0,
+           teacher_weights=(), teacher_pool="geometric", base="", prompts_per_step=32, group_size=8, temperature=1.0, top_p=1.0,
            top_k_sampling=0, max_new_tokens=16, loss="sampled_reverse_kl", coef=1.0, lam=1.25,
            beta=0.5, top_k=0, teacher_temperature=1.0, advantage_norm="none", clip_low=0.2,
-           clip_high=0.2, tip_keep_fraction=0.0, tip_alpha=1.0, tip_gamma=1.0, sample_batch_size=0,
+           clip_high=0.2, tis_cap=0.0, tip_rule="", tip_keep_fraction=0.5, tip_entropy_quantile=0.5,
+           tip_divergence_quantile=0.5, sample_batch_size=0,
            minibatches=1, microbatches=1, epochs=1, optimizer=optimizer(lr))
     s.update(kw)
     return s

@@ -2,8 +2,16 @@
 
 A results dict (from `bridge.evaluation.runner.evaluate`) holds "task", "method", "seed",
 "model", "split", "num_problems", "n", "ks", "sampling", "metrics" (flat: "avg@16", "pass@k",
-"maj@k", "mean_response_length", "mean_token_entropy", "format_rate", "truncated_rate",
-"kl_to_reference" when a reference model was given) and "samples" (one dict per completion).
+"maj@k", "mean_response_length", "mean_token_entropy", "format_rate", "truncated_rate", and
+with a reference model "kl_to_reference" and "kl_to_reference_per_token") and "samples" (one
+dict per completion).
+
+KL metrics (`bridge.evaluation.runner`): for each sampled completion y, the exact
+full-vocabulary per-position KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t)) summed over y's
+tokens, both models' softmax at the sampling temperature T (1 for greedy) before top-k / top-p:
+the Rao-Blackwellized reverse-KL estimator, >= 0. "kl_to_reference" is its mean over
+completions (sequence KL, nats); "kl_to_reference_per_token" is its total over all completion
+tokens divided by their number (nats per token).
 """
 
 from __future__ import annotations
@@ -20,8 +28,15 @@ SUMMARY_ROWS = (
     "mean_response_length",
     "mean_token_entropy",
     "kl_to_reference",
+    "kl_to_reference_per_token",
     "format_rate",
     "truncated_rate",
+)
+
+KL_NOTE = (
+    "kl_to_reference: mean over completions y of sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)), exact over "
+    "the vocabulary at temperature {temperature} before top-k/top-p (Rao-Blackwellized reverse KL, "
+    "nats per sequence); kl_to_reference_per_token: the same total / completion tokens."
 )
 
 
@@ -53,6 +68,8 @@ def results_markdown(results: dict) -> str:
         )
     lines += ["", "| metric | value |", "|---|---:|"]
     lines += [f"| {name} | {_fmt(m[name])} |" for name in SUMMARY_ROWS if name in m]
+    if "kl_to_reference" in m:
+        lines += ["", KL_NOTE.format(temperature=s["temperature"] if s["temperature"] > 0 else 1.0)]
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,18 @@ avg@k / unbiased pass@k / maj@k, response length, token entropy and KL to a refe
 Per completion y of prompt x (sampled with the given temperature / top-p / top-k):
   length        number of generated tokens (eos included)
   entropy       mean over y's positions of H(pi(. | x, y_<t)) under the raw model (T = 1)
-  kl            sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)  (raw models; its mean is
-                the Monte-Carlo sequence-level KL(pi || pi_ref) estimate over the sampled y)
+  kl            sum_t KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t)), each term exact over the full
+                vocabulary, where pi_T = softmax(logits / T) at the evaluation's sampling
+                temperature T (T = 1 for greedy, temperature 0), before top-k / top-p truncation.
+                This is the Rao-Blackwellized form of the Monte-Carlo reverse-KL estimate
+                sum_t log pi_T(y_t | ...) - log pi_ref,T(y_t | ...): the same expectation over
+                y ~ pi_T, lower variance, and >= 0 for every completion. Its mean over completions
+                estimates the sequence-level reverse KL(pi_T || pi_ref,T) (new policy to the
+                reference, over samples from the new policy); with top-k / top-p < 1 the
+                completions come from the truncated sampler, so the prefixes are those of the
+                truncated policy while each term stays the untruncated per-position KL.
+Metrics "kl_to_reference" (mean over completions of the per-completion sum: sequence KL, nats)
+and "kl_to_reference_per_token" (total over all completion tokens / number of completion tokens).
 maj@k votes over answers canonicalized by `bridge.tasks.math.normalize_answer`.
 """
 
@@ -41,7 +51,12 @@ def summarize(
     format_ok: np.ndarray | None = None,
     truncated: np.ndarray | None = None,
 ) -> dict:
-    """Flat metrics from per-completion arrays shaped [problems, n]."""
+    """Flat metrics from per-completion arrays shaped [problems, n].
+
+    kls (optional) holds each completion's summed per-token KL to the reference; it gives
+    "kl_to_reference" (their mean) and "kl_to_reference_per_token" (their total over the total
+    of `lengths`, the completion token counts).
+    """
     correct = np.asarray(correct, np.float64)
     problems, n = correct.shape
     metrics = {}
@@ -52,8 +67,10 @@ def summarize(
     metrics["mean_response_length"] = float(np.mean(lengths))
     if entropies is not None:
         metrics["mean_token_entropy"] = float(np.mean(entropies))
-    if kls is not None:
+    if kls is not None:  # kls: per-completion sums of the per-token KL (see the module docstring)
+        kls = np.asarray(kls, np.float64)
         metrics["kl_to_reference"] = float(np.mean(kls))
+        metrics["kl_to_reference_per_token"] = float(kls.sum() / max(float(np.sum(lengths)), 1.0))
     if format_ok is not None:
         metrics["format_rate"] = float(np.mean(format_ok))
     if truncated is not None:
@@ -78,6 +95,39 @@ def completion_scores(model, out) -> tuple[np.ndarray, np.ndarray]:
     graphdef, state = nnx.split(model)
     logp, entropy = _scorer(graphdef)(state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
     return np.asarray(logp), np.asarray(entropy)
+
+
+def kl_temperature(temperature: float) -> float:
+    """The temperature both models' distributions are compared at: the sampling temperature,
+    or 1 for greedy decoding (temperature 0)."""
+    return float(temperature) if temperature > 0 else 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _kl_scorer(graphdef, reference_graphdef, temperature: float):
+    @jax.jit
+    def kl(state, reference_state, prompt_tokens, prompt_mask, tokens, mask):
+        model = nnx.merge(graphdef, state)
+        reference = nnx.merge(reference_graphdef, reference_state)
+        batch = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask)
+        per_token = scoring.completion_divergence(model, reference, batch, "reverse_kl", temperature=temperature)
+        return jnp.where(mask, per_token, 0.0)
+
+    return kl
+
+
+def completion_kl(model, reference_model, out, temperature: float) -> np.ndarray:
+    """float32[R, N]: KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t)) at each position of the
+    sampled completions (0 off the mask), exact over the full vocabulary and streamed by
+    `bridge.scoring.completion_divergence` (kind "reverse_kl", student = model, teacher =
+    reference), never holding [R, N, V] logits for large vocabularies. pi_T = softmax(logits / T)
+    with T = `kl_temperature(temperature)`. Both models must share the vocabulary."""
+    graphdef, state = nnx.split(model)
+    reference_graphdef, reference_state = nnx.split(reference_model)
+    kl = _kl_scorer(graphdef, reference_graphdef, kl_temperature(temperature))(
+        state, reference_state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask
+    )
+    return np.asarray(kl)
 
 
 def evaluate(
@@ -131,8 +181,8 @@ def evaluate(
             mesh=mesh,
             rules=rules,
         )
-        logp, entropy = completion_scores(model, out)
-        ref_logp = completion_scores(reference_model, out)[0] if reference_model is not None else None
+        _, entropy = completion_scores(model, out)
+        kl = completion_kl(model, reference_model, out, temperature) if reference_model is not None else None
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         finish = np.asarray(out.finish_reason)
         for b, example in enumerate(chunk):
@@ -150,8 +200,8 @@ def evaluate(
                 )
                 lengths.append(length)
                 entropies.append(float(entropy[r].sum() / max(length, 1)))
-                if ref_logp is not None:
-                    kls.append(float(logp[r].sum() - ref_logp[r].sum()))
+                if kl is not None:
+                    kls.append(float(kl[r].sum(dtype=np.float64)))
                 format_ok.append(result.format_ok)
                 truncated.append(cut)
                 samples.append(

@@ -6,7 +6,7 @@ Configs pick objectives by name through `policy_loss(name, **kwargs)` and
 """
 import functools
 
-from bridge.losses.aggregation import AGGREGATIONS, aggregate, masked_mean
+from bridge.losses.aggregation import AGGREGATIONS, aggregate, counted_rows, masked_mean
 from bridge.losses.divergences import (
     entropy,
     forward_cross_entropy,
@@ -18,7 +18,7 @@ from bridge.losses.divergences import (
     topk_reverse_kl,
     topk_tail_log_probs,
 )
-from bridge.losses.kl import KL_ESTIMATORS, kl_estimate
+from bridge.losses.kl import KL_ESTIMATORS, LOSS_KL_ESTIMATORS, kl_estimate
 from bridge.losses.policy import clipped_surrogate, cispo_loss, gspo_loss, sapo_loss
 from bridge.losses.reward_models import implicit_prm_ce_loss, implicit_token_rewards, mse_reward_loss
 
@@ -61,10 +61,12 @@ __all__ = [
     "AGGREGATIONS",
     "DIVERGENCES",
     "KL_ESTIMATORS",
+    "LOSS_KL_ESTIMATORS",
     "POLICY_LOSSES",
     "aggregate",
     "cispo_loss",
     "clipped_surrogate",
+    "counted_rows",
     "divergence",
     "entropy",
     "forward_cross_entropy",

@@ -4,14 +4,15 @@ The choice of reduction is itself an objective choice (it sets how much each tok
 each sequence weighs), so it is named in configs:
 
     token-mean               sum(v * m) / sum(m)                      (DAPO; PPO/GRPO in verl)
-    seq-mean-token-mean      mean_b [ sum_t(v * m) / sum_t(m) ]         (original GRPO, GSPO)
-    seq-mean-token-sum       mean_b [ sum_t(v * m) ]
+    seq-mean-token-mean      sum_b [ sum_t(v * m) / sum_t(m) ] / B      (original GRPO, GSPO)
+    seq-mean-token-sum       sum_b [ sum_t(v * m) ] / B
     seq-mean-token-sum-norm  sum(v * m) / (B * L),  L = max_len or T    (Dr. GRPO, Liu et al. 2025)
 
-Rows are all leading axes; the last axis is time. An all-masked row contributes 0 to the
-sum and the mean over rows still counts it (B is the number of rows); nothing divides by
-an empty count, so neither the value nor its gradient is ever NaN. A float mask acts as
-per-token weights.
+Rows are all leading axes; the last axis is time. B is the number of rows that count: rows
+whose mask is not all zero. A row with mask 0 everywhere (padding, or a group dropped by a
+row weight of 0) adds nothing and does not dilute the mean over rows. Nothing divides by an
+empty count, so neither the value nor its gradient is ever NaN (an all-masked batch gives 0).
+A float mask acts as per-token weights.
 """
 import jax.numpy as jnp
 
@@ -45,6 +46,12 @@ def masked_mean(values, mask):
     return safe_divide(jnp.sum(masked_values(values, mask)), jnp.sum(mask.astype(values.dtype)))
 
 
+def counted_rows(mask):
+    """Number of rows (all leading axes) whose mask [..., T] has a nonzero entry: the B of
+    the sequence-mean aggregations."""
+    return jnp.sum(jnp.any(jnp.asarray(mask) != 0, axis=-1).astype(jnp.float32))
+
+
 def aggregate(values, mask, mode="token-mean", max_len=None):
     """Aggregate per-token values [..., T] with mask [..., T] into a scalar (see module doc).
 
@@ -62,9 +69,10 @@ def aggregate(values, mask, mode="token-mean", max_len=None):
     if mode == "token-mean":
         return safe_divide(jnp.sum(weighted), jnp.sum(mask.astype(values.dtype)))
     row_sums = jnp.sum(weighted, axis=-1)
+    rows = counted_rows(mask).astype(values.dtype)
     if mode == "seq-mean-token-mean":
-        return jnp.mean(safe_divide(row_sums, jnp.sum(mask.astype(values.dtype), axis=-1)))
+        return safe_divide(jnp.sum(safe_divide(row_sums, jnp.sum(mask.astype(values.dtype), axis=-1))), rows)
     if mode == "seq-mean-token-sum":
-        return jnp.mean(row_sums)
+        return safe_divide(jnp.sum(row_sums), rows)
     length = values.shape[-1] if max_len is None else max_len
-    return jnp.sum(weighted) / (row_sums.size * length)
+    return safe_divide(jnp.sum(weighted), rows * length)

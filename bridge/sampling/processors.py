@@ -1,8 +1,10 @@
 """Logit processors: small pure functions float32[B, V] -> float32[B, V] (plus stop handling).
 
 Each filter keeps a token's logit or replaces it by -inf; the sampler draws from
-softmax(process(logits)) and reports log_softmax(process(logits))[token] as the token's
-sampling log-probability (the "old" log-prob RL needs). Order, as in transformers and vLLM:
+softmax(process(logits)) and reports log_softmax(logits / T)[token], the token's
+log-probability before truncation: the quantity the trainer recomputes, so the two differ
+only by sampler/trainer numerics (what truncated importance sampling corrects), never by
+the truncation. Order, as in transformers and vLLM:
 
     z = logits / T  ->  top_k  ->  top_p  ->  min_p
 
@@ -69,13 +71,18 @@ def proxy_tune(logits: jax.Array, expert: jax.Array, antiexpert: jax.Array, alph
     return logits + alpha * (expert - antiexpert)
 
 
+def truncate(z: jax.Array, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> jax.Array:
+    """The filters in order: top-k, top-p, min-p (on temperature-scaled logits)."""
+    z = top_k_filter(z, top_k)
+    z = top_p_filter(z, top_p, candidates=top_k)
+    return min_p_filter(z, min_p)
+
+
 def process(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
             min_p: float = 0.0) -> jax.Array:
     """The full chain for T > 0: temperature, top-k, top-p, min-p (float32 in and out)."""
     z = apply_temperature(logits.astype(jnp.float32), temperature)
-    z = top_k_filter(z, top_k)
-    z = top_p_filter(z, top_p, candidates=top_k)
-    return min_p_filter(z, min_p)
+    return truncate(z, top_k=top_k, top_p=top_p, min_p=min_p)
 
 
 def is_row_stop(tokens: jax.Array, row_stops: jax.Array) -> jax.Array:

@@ -3,9 +3,11 @@
     prompts (ragged) -> left-pad to [B, P] -> prefill (one pass, cache of length P, logits of
     the last slot only) -> pad the cache to P + N slots and repeat each row n times ->
     decode: for i < N while some row is running:
-        token_i ~ softmax(process(logits)),  logprob_i = log_softmax(process(logits))[token_i]
+        token_i ~ softmax(process(logits)),  logprob_i = log_softmax(logits / T)[token_i]
         logits = model(token_i at position len(prompt) + i, cache slot P + i)
 
+logprob_i is taken before top-k/top-p/min-p truncation: it is what the trainer recomputes
+for the same token, so pi_trainer / pi_sampler measures sampler/trainer mismatch only.
 Greedy (temperature 0) takes the argmax and reports log_softmax(raw logits)[argmax]. A row
 stops after its first stop/eos token: later tokens are `pad_id`, logprob 0, mask false.
 Rows of sample j of prompt b sit at b * n + j (prompt-major). Proxy-tuning adds
@@ -49,7 +51,7 @@ class SampleOutput:
     """R = B * n rows, prompt-major. N = max_new_tokens, P = padded prompt length."""
 
     tokens: jax.Array  # int32[R, N]; pad_id after the first eos
-    logprobs: jax.Array  # float32[R, N]; 0 where mask is false
+    logprobs: jax.Array  # float32[R, N]; log_softmax(logits / T)[token] before truncation; 0 off the mask
     mask: jax.Array  # bool[R, N]; true up to and including the first eos
     lengths: jax.Array  # int32[R]; number of true mask entries
     finish_reason: jax.Array  # int32[R]; FINISH_EOS or FINISH_LENGTH
@@ -126,11 +128,11 @@ def _select(logits: jax.Array, key: jax.Array, config: SamplingConfig):
     """(token int32[R], logprob float32[R]) from last-slot logits float32[R, V]."""
     if config.temperature == 0.0:
         return greedy(logits)
-    z = processors.process(logits, temperature=config.temperature, top_k=config.top_k,
-                           top_p=config.top_p, min_p=config.min_p)
+    scaled = processors.apply_temperature(logits.astype(jnp.float32), config.temperature)
+    z = processors.truncate(scaled, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
     token = jax.random.categorical(key, z, axis=-1)
-    picked = jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0]
-    logprob = picked - jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+    logprob = picked - jax.nn.logsumexp(scaled, axis=-1)  # before truncation: what the trainer scores
     return token.astype(jnp.int32), logprob
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import runtime, sampling, train_state
+from bridge import losses, runtime, sampling, train_state
 
 
 @dataclasses.dataclass
@@ -56,6 +56,35 @@ def token_count(weight_key: str | None = None) -> Callable:
             mask = mask * (w[:, None] if w.ndim == 1 else w)
         return jnp.sum(mask)
     return count
+
+
+def row_count(weight_key: str) -> Callable:
+    """Micro-batch weight of a sequence-mean loss: the rows that count (a nonzero entry of
+    mask * batch[weight_key]), as `losses.aggregate` counts them."""
+    def count(batch):
+        return losses.counted_rows(batch["mask"] * batch[weight_key][:, None])
+    return count
+
+
+def correct(rollout: dict) -> np.ndarray:
+    """bool[R]: the verifier scored the completion correct (score 1)."""
+    return rollout["rewards"] >= 1.0
+
+
+def tis_weight(old_logp, sample_logp, cap: float):
+    """Truncated importance weight min(pi_old / pi_sample, cap) per token [B, T] (Yao et al.
+    2025, "Your efficient RL framework secretly brings you off-policy RL training"); both
+    logprobs of the same untruncated, temperature-scaled distribution. cap <= 0: all ones."""
+    if cap <= 0:
+        return jnp.ones_like(old_logp)
+    return jnp.minimum(jnp.exp(old_logp - sample_logp), cap)
+
+
+def mismatch_metrics(old_logp, sample_logp, tis, mask) -> dict:
+    """Sampler/trainer mismatch on the rollout: mean |log pi_old - log pi_sample| per token and
+    the mean truncated importance weight."""
+    return {"sampler_trainer_logp_gap": float(losses.masked_mean(jnp.abs(old_logp - sample_logp), mask)),
+            "tis_weight_mean": float(losses.masked_mean(tis, mask))}
 
 
 def scoring_slices(scfg) -> int:
@@ -176,7 +205,7 @@ def run_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, nu
 def response_metrics(rollout: dict) -> dict:
     """Reward, accuracy, response length and truncation rate of a rollout batch."""
     return {"reward": float(rollout["rewards"].mean()),
-            "accuracy": float((rollout["rewards"] >= 1.0).mean()),
+            "accuracy": float(correct(rollout).mean()),
             "format_ok": float(rollout["format_ok"].mean()),
             "response_length": float(rollout["lengths"].mean()),
             "truncated_frac": float(rollout["truncated"].mean()),

@@ -2,17 +2,34 @@
 
 Losses (config `loss`):
   "sampled_reverse_kl": policy gradient with dense per-token advantages
-        A_t = -coef * (log p_S_old(y_t) - sum_k w_k log p_Tk(y_t))
+        A_t = -coef * (log p_S_old(y_t) - log p_pool(y_t))
       in the clipped surrogate (Agarwal et al. 2024, GKD; Thinking Machines OPD 2025);
-  "exopd": A_t = lam * (log p_T - log p_base) - (log p_S_old - log p_base), reward
-      extrapolation (G-OPD/ExOPD), base = the stage's initial student;
+  "exopd": A_t = lam * (log p_pool - log p_base) - (log p_S_old - log p_base), reward
+      extrapolation (G-OPD/ExOPD); `base` is a model reference (the teacher's pre-RL base for
+      G-OPD's reward correction; "" = the stage's initial student);
   "reverse_kl" | "forward_kl" | "jsd" | "forward_ce": full-vocabulary divergences on the
-      student's rollouts through kernels.logprobs (top_k > 0: teacher top-k plus a tail
+      student's rollouts through bridge.kernels.logprobs (top_k > 0: teacher top-k plus a tail
       bucket); "forward_ce" is DistIL's forward cross-entropy.
+
+Several teachers (`teacher` plus `extra_teachers`, weights w_k > 0 summing to 1, uniform by
+default) are pooled as `teacher_pool` names:
+  "geometric"   log p_pool = sum_k w_k log p_Tk (unnormalized product of experts). The
+                sampled reward is then an unbiased estimate of sum_k w_k KL(S || T_k), which
+                is KL(S || normalized pool) plus a constant; the full-vocabulary
+                "reverse_kl" path minimizes exactly sum_k w_k KL(S || T_k).
+  "arithmetic"  log p_pool = log sum_k w_k p_Tk (the mixture). The full-vocabulary
+                "forward_kl" / "forward_ce" paths minimize sum_k w_k KL(T_k || S), which is
+                KL(mixture || S) plus a constant.
+With one teacher both pools are the teacher. Other (pool, full-vocabulary loss) pairs with
+several teachers are refused at build time, so every path targets the pool it names.
+
 advantage_norm="whiten" whitens the dense advantages over the batch (a per-batch baseline,
-which tames the noisy raw reverse-KL rewards). tip_keep_fraction > 0 trains only the most
-important tokens by student entropy x teacher-student gap (TIP). Teacher logprobs are
-computed once per rollout batch and reused by every epoch and minibatch.
+which tames the noisy raw reverse-KL rewards). tip_rule trains only the tokens TIP (token
+importance in on-policy distillation) finds informative: "entropy" (high student entropy),
+"q3" (low entropy and high teacher-student gap: overconfident and wrong) or "union".
+tis_cap > 0 applies the truncated importance weight min(pi_old / pi_sample, cap) to the
+advantages, as in the rl stage. Teacher logprobs are computed once per rollout batch and
+reused by every epoch and minibatch.
 """
 
 from __future__ import annotations
@@ -26,9 +43,31 @@ from bridge.stages import common
 
 PG_LOSSES = ("sampled_reverse_kl", "exopd")
 FULL_LOSSES = ("reverse_kl", "forward_kl", "jsd", "forward_ce")
+TEACHER_POOLS = ("geometric", "arithmetic")
+POOL_OF_FULL_LOSS = {"reverse_kl": "geometric", "forward_kl": "arithmetic", "forward_ce": "arithmetic"}
 
 
 MICROBATCH_WEIGHT = common.token_count("token_weight")  # every opd loss is a token mean
+
+
+def pool_logprobs(teacher_logps, weights, pool: str):
+    """log p_pool(y_t) [B, T] of the sampled tokens from each teacher's log p_Tk(y_t)."""
+    if pool == "geometric":
+        return sum(w * lp for w, lp in zip(weights, teacher_logps))
+    if pool == "arithmetic":
+        stacked = jnp.stack([jnp.log(w) + lp for w, lp in zip(weights, teacher_logps)])
+        return jax.scipy.special.logsumexp(stacked, axis=0)
+    raise ValueError(f"Unknown teacher_pool {pool!r}; choose one of {TEACHER_POOLS}.")
+
+
+def teacher_weights(name: str, scfg, count: int) -> list[float]:
+    """The teachers' pool weights: given ones must be positive and sum to 1; default uniform."""
+    weights = [float(w) for w in scfg.get("teacher_weights", ())] or [1.0 / count] * count
+    if len(weights) != count:
+        raise ValueError(f"Stage {name!r}: {count} teachers but {len(weights)} teacher_weights.")
+    if min(weights) <= 0 or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"Stage {name!r}: teacher_weights {weights} must be positive and sum to 1.")
+    return weights
 
 
 def make_loss_fn(scfg, teacher_graphdefs, weights):
@@ -38,8 +77,8 @@ def make_loss_fn(scfg, teacher_graphdefs, weights):
         mask = batch["mask"] * batch["token_weight"]
         if scfg.loss in PG_LOSSES:
             logp = scoring.completion_logprobs(model, batch, temperature)
-            loss, metrics = losses.clipped_surrogate(logp, batch["old_logp"], batch["advantages"], mask,
-                                                     clip_low=scfg.clip_low, clip_high=scfg.clip_high)
+            loss, metrics = losses.clipped_surrogate(logp, batch["old_logp"], batch["advantages"] * batch["tis_weight"],
+                                                     mask, clip_low=scfg.clip_low, clip_high=scfg.clip_high)
             return loss, metrics
         div = 0.0
         for graphdef, state, w in zip(teacher_graphdefs, frozen, weights):
@@ -57,26 +96,36 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         raise ValueError(f"Stage {name!r}: unknown opd loss {scfg.loss!r}; choose one of {PG_LOSSES + FULL_LOSSES}.")
     if scfg.advantage_norm not in ("none", "whiten"):
         raise ValueError(f"Stage {name!r}: advantage_norm must be 'none' or 'whiten', not {scfg.advantage_norm!r}.")
-    model = ctx.model(scfg.get("init") or scfg.model)
     refs = [scfg.teacher] + list(scfg.get("extra_teachers", ()))
-    weights = list(scfg.get("teacher_weights", ())) or [1.0 / len(refs)] * len(refs)
-    if len(weights) != len(refs):
-        raise ValueError(f"Stage {name!r}: {len(refs)} teachers but {len(weights)} teacher_weights.")
+    weights = teacher_weights(name, scfg, len(refs))
+    if scfg.teacher_pool not in TEACHER_POOLS:
+        raise ValueError(f"Stage {name!r}: unknown teacher_pool {scfg.teacher_pool!r}; choose one of {TEACHER_POOLS}.")
+    if len(refs) > 1 and scfg.loss in FULL_LOSSES and POOL_OF_FULL_LOSS.get(scfg.loss) != scfg.teacher_pool:
+        raise ValueError(f"Stage {name!r}: loss {scfg.loss!r} over several teachers does not target the "
+                         f"{scfg.teacher_pool} pool; pairs that do: {POOL_OF_FULL_LOSS}.")
+    model = ctx.model(scfg.get("init") or scfg.model)
     teachers = [ctx.model(r) for r in refs]
     for t in teachers:
         common.check_vocab(t, model, name)
     split = [nnx.split(t) for t in teachers]
     graphdefs, teacher_states = [g for g, _ in split], [s for _, s in split]
+    if scfg.loss == "exopd":  # copied before the trainer takes (and donates) the student's buffers
+        base_model = ctx.model(scfg.base) if scfg.get("base") else model
+        common.check_vocab(base_model, model, name)
+        base_graphdef, base_state = nnx.split(base_model)
+        base_state = jax.tree.map(jnp.copy, base_state)
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, graphdefs, weights),
                                   scfg.steps * scfg.epochs * scfg.minibatches, microbatches=scfg.microbatches,
                                   microbatch_weight=MICROBATCH_WEIGHT)
-    base_state = jax.tree.map(jnp.copy, nnx.split(model)[1]) if scfg.loss == "exopd" else None
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
     slices = common.scoring_slices(scfg)
     score_student = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
         nnx.merge(trainer.graphdef, s), b, temperature, return_entropy=True), slices))
     score_teachers = [jax.jit(scoring.in_slices(lambda s, b, g=g: scoring.completion_logprobs(
         nnx.merge(g, s), b, scfg.teacher_temperature), slices)) for g in graphdefs]
+    if scfg.loss == "exopd":
+        score_base = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
+            nnx.merge(base_graphdef, s), b, temperature), slices))
     data = ctx.prompts(name, scfg.prompts_per_step)
 
     def step(state, i):
@@ -87,25 +136,31 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
                                      top_k=scfg.top_k_sampling, max_new_tokens=scfg.max_new_tokens, seed=seed,
                                      chunk_prompts=scfg.sample_batch_size)
         batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
+        sample_logp = runtime.place_batch(ctx, {"sample_logp": roll["sample_logp"]})["sample_logp"]
         mask = batch["mask"].astype(jnp.float32)
         old_logp, entropy = score_student(state.params, batch)
-        teacher_logp = sum(w * f(s, batch) for f, s, w in zip(score_teachers, teacher_states, weights))
+        teacher_logp = pool_logprobs([f(s, batch) for f, s in zip(score_teachers, teacher_states)], weights,
+                                     scfg.teacher_pool)
         gap = old_logp - teacher_logp  # sampled-token reverse KL estimate per token
         metrics = common.response_metrics(roll)
         metrics["teacher_kl"] = float(losses.masked_mean(gap, mask))
         metrics["entropy"] = float(losses.masked_mean(entropy, mask))
         if scfg.loss == "exopd":
-            base_logp = score_student(base_state, batch)[0]
+            base_logp = score_base(base_state, batch)
             adv = adv_lib.exopd_token_advantages(old_logp, teacher_logp, base_logp, scfg.lam)
         else:
             adv = adv_lib.opd_token_advantages(old_logp, teacher_logp, scfg.coef)
         if scfg.advantage_norm == "whiten":
             adv = adv_lib.whiten(adv, mask)
         token_weight = jnp.ones_like(mask)
-        if scfg.tip_keep_fraction > 0:
-            token_weight = adv_lib.tip_token_weights(entropy, gap, mask, scfg.tip_alpha, scfg.tip_gamma,
-                                                     scfg.tip_keep_fraction).astype(jnp.float32)
-        batch.update(old_logp=old_logp, advantages=adv, token_weight=token_weight)
+        if scfg.tip_rule:
+            token_weight = adv_lib.tip_token_weights(
+                entropy, gap, mask, rule=scfg.tip_rule, keep_fraction=scfg.tip_keep_fraction,
+                entropy_quantile=scfg.tip_entropy_quantile, divergence_quantile=scfg.tip_divergence_quantile)
+            metrics["tip_kept_frac"] = float(losses.masked_mean(token_weight, mask))
+        tis = common.tis_weight(old_logp, sample_logp, scfg.tis_cap)
+        metrics.update(common.mismatch_metrics(old_logp, sample_logp, tis, mask))
+        batch.update(old_logp=old_logp, advantages=adv, token_weight=token_weight, tis_weight=tis)
         state, update_metrics = common.run_updates(
             trainer, state, batch, teacher_states, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
             seed=(int(ctx.cfg.seed), i), tokens=float(roll["lengths"].sum()))

@@ -14,10 +14,18 @@ optimizer updates of the policy surrogate against the stored old logprobs.
 | loss=gspo / sapo / cispo       | GSPO, SAPO, CISPO (MiniMax-M1)         |
 | advantage=rloo                 | RLOO (Ahmadian et al. 2024)            |
 
-KL to the stage's initial policy (the reference) is a loss term (kl_mode="loss") or a
-per-sequence reward penalty (kl_mode="reward"), with estimator k1/k2/k3; kl_coef=0 keeps no
-reference copy. tis_cap > 0 multiplies each token's advantage by min(pi_old/pi_sample, cap),
-the truncated importance correction for sampler/trainer mismatch (Yao et al. 2025).
+KL to a reference model is a loss term (kl_mode="loss", estimator k2 or k3: see
+`bridge.losses.kl` for which KL each one's gradient follows) or a per-sequence reward
+penalty subtracted before group normalization (kl_mode="reward", k1/k2/k3); kl_coef=0 keeps
+no reference copy. The reference is a model reference (`reference`: a slot, "stage:<name>"
+or "hf:<path>", e.g. the original base model); "" is the stage's initial policy.
+tis_cap > 0 multiplies each token's advantage by min(pi_old/pi_sample, cap), the truncated
+importance correction for sampler/trainer mismatch (Yao et al. 2025); pi_sample is the
+sampler's log-probability before top-k/top-p truncation, so the ratio is the mismatch alone.
+
+DAPO's dynamic sampling keeps a group when 0 < #correct < G on the verifier's accuracy
+(as verl filters); the overlong penalty shapes the rewards of the kept groups only.
+Sequence-mean aggregations average over the rows that count (row weight > 0).
 """
 
 from __future__ import annotations
@@ -27,14 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, scoring, train_state
+from bridge import advantages as adv_lib, losses, runtime, scoring
 from bridge.stages import common
 from bridge.tasks import soft_overlong_penalty
 
 
 def microbatch_weight(scfg):
-    """Weight of a micro-batch in the accumulated gradient: tokens for token-mean, else rows."""
-    return common.token_count("row_weight") if scfg.aggregation == "token-mean" else train_state.rows
+    """Weight of a micro-batch in the accumulated gradient: tokens for token-mean, else the
+    rows that count (both 0 for a batch whose every group was dropped: a no-op update)."""
+    return common.token_count("row_weight") if scfg.aggregation == "token-mean" else common.row_count("row_weight")
 
 
 def make_loss_fn(scfg):
@@ -75,10 +84,10 @@ def shaped_rewards(rollout: dict, scfg) -> np.ndarray:
     return rewards
 
 
-def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
-    """bool[G]: groups whose rewards are not all equal (DAPO's dynamic-sampling filter)."""
-    grouped = rewards.reshape(-1, group_size)
-    return grouped.max(axis=1) > grouped.min(axis=1)
+def informative_groups(correct: np.ndarray, group_size: int) -> np.ndarray:
+    """bool[G]: groups with 0 < #correct < G (DAPO's dynamic-sampling filter, on accuracy)."""
+    hits = np.asarray(correct, bool).reshape(-1, group_size).sum(axis=1)
+    return (hits > 0) & (hits < group_size)
 
 
 def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
@@ -99,7 +108,7 @@ def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
         roll["rewards_shaped"] = shaped_rewards(roll, scfg)
         if not scfg.dynamic_sampling:
             return roll, np.ones(len(roll["rewards"]), np.float32)
-        good = informative_groups(roll["rewards_shaped"], n)
+        good = informative_groups(common.correct(roll), n)
         for g, ok in enumerate(good):
             (kept if ok else spare).append(_group(roll, g, n))
         if len(kept) >= scfg.prompts_per_step:
@@ -114,19 +123,34 @@ def _group(roll: dict, g: int, n: int) -> dict:
     return {k: (v[sl] if isinstance(v, (np.ndarray, list)) else v) for k, v in roll.items()}
 
 
-def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+def check_kl(name: str, scfg) -> None:
+    """kl_mode is "loss" (k2 or k3) or "reward" (any estimator); k1 as a loss is refused."""
     if scfg.kl_mode not in ("loss", "reward"):
         raise ValueError(f"Stage {name!r}: kl_mode must be 'loss' or 'reward', not {scfg.kl_mode!r}.")
+    if scfg.kl_coef > 0 and scfg.kl_mode == "loss" and scfg.kl_kind not in losses.LOSS_KL_ESTIMATORS:
+        raise ValueError(f"Stage {name!r}: kl_kind={scfg.kl_kind!r} as a loss has zero expected gradient; "
+                         f"use k1 with kl_mode='reward', or k2 (gradient of KL(pi || ref)) or k3 "
+                         f"(gradient of KL(ref || pi), as GRPO) with kl_mode='loss'.")
+
+
+def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+    check_kl(name, scfg)
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
+    reference = None
+    if scfg.kl_coef > 0:  # copied before the trainer takes (and donates) the policy's buffers
+        reference_model = ctx.model(scfg.reference) if scfg.get("reference") else model
+        common.check_vocab(reference_model, model, name)
+        reference = jax.tree.map(jnp.copy, common.frozen_state(reference_model))
+        reference_graphdef = nnx.split(reference_model)[0]
     trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates,
                                   microbatches=scfg.microbatches, microbatch_weight=microbatch_weight(scfg))
-    reference = common.frozen_state(model) if scfg.kl_coef > 0 else None
-    if reference is not None:
-        reference = jax.tree.map(jnp.copy, reference)
     temperature = scfg.temperature if scfg.temperature > 0 else 1.0
     score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
         nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True), common.scoring_slices(scfg)))
+    if reference is not None:
+        score_reference = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
+            nnx.merge(reference_graphdef, state), batch, temperature), common.scoring_slices(scfg)))
     data = ctx.prompts(name, scfg.prompts_per_step)
     estimator = adv_lib.advantage_estimator(scfg.advantage)
 
@@ -140,26 +164,24 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         metrics = common.response_metrics(roll)
         metrics["entropy"] = float(losses.masked_mean(entropy, batch["mask"]))
         if reference is not None:
-            ref_logp = score(reference, batch)[0]
+            ref_logp = score_reference(reference, batch)
             batch["ref_logp"] = ref_logp
             seq_kl = np.asarray(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))
             metrics["kl_ref_seq"] = float(seq_kl.mean())
             if scfg.kl_mode == "reward":
                 rewards = rewards - scfg.kl_coef * seq_kl
         adv = np.asarray(estimator(jnp.asarray(rewards), scfg.group_size)) * row_weight
-        if scfg.tis_cap > 0:
-            tis = jnp.minimum(jnp.exp(old_logp - jnp.asarray(roll["sample_logp"])), scfg.tis_cap)
-        else:
-            tis = jnp.ones_like(old_logp)
         batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
+        sample_logp = runtime.place_batch(ctx, {"sample_logp": roll["sample_logp"]})["sample_logp"]
+        tis = common.tis_weight(old_logp, sample_logp, scfg.tis_cap)
         batch.update(old_logp=old_logp, tis_weight=tis)
         state, update_metrics = common.run_updates(
             trainer, state, batch, None, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
             seed=(int(ctx.cfg.seed), i), tokens=float(roll["lengths"].sum()))
         metrics.update(update_metrics)
-        gap = losses.masked_mean(jnp.abs(old_logp - roll["sample_logp"]), batch["mask"])
         metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
-                       kept_group_frac=float(row_weight.mean()), sampler_trainer_logp_gap=float(gap))
+                       kept_group_frac=float(row_weight.mean()),
+                       **common.mismatch_metrics(old_logp, sample_logp, tis, batch["mask"]))
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, data, slot=scfg.model)

@@ -36,7 +36,7 @@ OPD_LOSSES = {
     "opd_jsd": dict(loss="jsd", beta=0.5),
     "opd_topk": dict(loss="reverse_kl", top_k=4),
     "distil": dict(loss="forward_ce"),
-    "opd_tip": dict(tip_keep_fraction=0.5),
+    "opd_tip": dict(tip_rule="union"),
 }
 VARIANTS = ("toy", "smoke", "bridge", "direct_grpo", "raw_teacher", "no_warmup", "no_opd",
             *RL_ALGOS, *OPD_LOSSES)

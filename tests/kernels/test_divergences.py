@@ -101,6 +101,16 @@ class TokenDivergenceTest(chex.TestCase):
         chex.assert_trees_all_close(
             jsd, numpy_divergence(*inputs, "jsd", beta=beta, top_k=top_k), rtol=RTOL, atol=ATOL)
 
+    @parameterized.product(beta=(1e-3, 1.0 - 1e-3), top_k=(0, TOP_K))
+    def test_jsd_near_the_endpoints_matches_the_float64_formula(self, beta, top_k):
+        """Near beta = 0 and 1 the kernel follows the mixture formula itself (NumPy float64,
+        no endpoint branch): the endpoint special cases do not leak into their neighbours."""
+        inputs = make_inputs(seed=1)[:4]
+        jsd = token_divergence(*inputs, "jsd", beta=beta, top_k=top_k, temperature=TEMPERATURE,
+                               chunk_size=16, implementation="chunked")
+        chex.assert_trees_all_close(
+            jsd, numpy_divergence(*inputs, "jsd", beta=beta, top_k=top_k), rtol=1e-4, atol=1e-6)
+
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(
         *[(kind, 0, False) for kind in KINDS], *[(kind, TOP_K, True) for kind in KINDS],

@@ -14,14 +14,14 @@ def np_aggregate(values, mask, mode, max_len=None):
     vm = np.where(m != 0, v * m, 0.0)
     if mode == "token-mean":
         return vm.sum() / m.sum() if m.sum() else 0.0
-    row_sum = vm.sum(-1)
+    counted = [r for r in range(v.shape[0]) if (m[r] != 0).any()]  # rows that count
+    if not counted:
+        return 0.0
     if mode == "seq-mean-token-mean":
-        row_len = m.sum(-1)
-        per_row = np.array([s / n if n else 0.0 for s, n in zip(row_sum, row_len)])
-        return per_row.mean()
+        return np.mean([vm[r].sum() / m[r].sum() for r in counted])
     if mode == "seq-mean-token-sum":
-        return row_sum.mean()
-    return vm.sum() / (v.shape[0] * (max_len or v.shape[1]))
+        return np.mean([vm[r].sum() for r in counted])
+    return vm.sum() / (len(counted) * (max_len or v.shape[1]))
 
 
 def make_inputs(seed=0, b=4, t=6):
@@ -79,6 +79,18 @@ class AggregateTest(chex.TestCase):
         values, mask = make_inputs(5)
         grad = jax.grad(lambda v: aggregate(v, mask, "token-mean"))(values)
         np.testing.assert_allclose(grad, mask / mask.sum(), rtol=1e-6)
+
+    def test_zero_weight_rows_do_not_dilute_sequence_means(self):
+        """Rows with weight 0 (dropped groups) leave every mode's value as on the kept rows alone."""
+        values, mask = make_inputs(6, b=6)
+        mask[1] = True
+        weight = np.array([1, 0, 1, 1, 0, 1], np.float32)
+        kept = weight > 0
+        for mode in AGGREGATIONS:
+            with_dropped = aggregate(values, mask * weight[:, None], mode, max_len=8)
+            kept_only = aggregate(values[kept], mask[kept], mode, max_len=8)
+            np.testing.assert_allclose(with_dropped, kept_only, rtol=1e-6)
+            np.testing.assert_allclose(with_dropped, np_aggregate(values[kept], mask[kept], mode, 8), rtol=1e-5)
 
     def test_unknown_mode_names_the_choices(self):
         with pytest.raises(ValueError, match="seq-mean-token-mean"):

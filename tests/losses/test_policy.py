@@ -20,11 +20,14 @@ def np_reduce(per_token, mask, mode, max_len=None):
     vm = np.where(m != 0, per_token * m, 0.0)
     if mode == "token-mean":
         return vm.sum() / m.sum() if m.sum() else 0.0
+    rows = [r for r in range(m.shape[0]) if (m[r] != 0).any()]  # rows with no mask do not count
+    if not rows:
+        return 0.0
     if mode == "seq-mean-token-mean":
-        return np.mean([r.sum() / n if n else 0.0 for r, n in zip(vm, m.sum(-1))])
+        return np.mean([vm[r].sum() / m[r].sum() for r in rows])
     if mode == "seq-mean-token-sum":
-        return vm.sum(-1).mean()
-    return vm.sum() / (vm.shape[0] * (max_len or vm.shape[1]))
+        return np.mean([vm[r].sum() for r in rows])
+    return vm.sum() / (len(rows) * (max_len or vm.shape[1]))
 
 
 def np_token_mean(x, mask):
@@ -200,7 +203,8 @@ def test_gspo_token_gradient_matches_analytic():
         m = mask.astype(np.float64)
         n = np.maximum(m.sum(-1, keepdims=True), 1)
         clipped = ((s > 1 + hi) & (a > 0)) | ((s < 1 - lo) & (a < 0))
-        want = np.where(clipped, 0.0, -s * a) * m / n / B
+        rows = (m.sum(-1) > 0).sum()  # sequence means count only rows with completion tokens
+        want = np.where(clipped, 0.0, -s * a) * m / n / rows
         np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
 
 
@@ -211,7 +215,9 @@ def test_gspo_token_equals_sequence_level_gspo_gradient():
     def sequence_gspo(lp):
         m = mask.astype(jnp.float32)
         s = jnp.exp(jnp.sum((lp - old) * m, -1) / jnp.maximum(m.sum(-1), 1))
-        return -jnp.mean(jnp.minimum(s * adv, jnp.clip(s, 1 - 0.3, 1 + 0.3) * adv))
+        counted = (m.sum(-1) > 0).astype(jnp.float32)  # an empty row is not a sequence
+        per_row = jnp.minimum(s * adv, jnp.clip(s, 1 - 0.3, 1 + 0.3) * adv)
+        return -jnp.sum(per_row * counted) / jnp.sum(counted)
 
     token_grad = jax.grad(lambda lp: gspo_loss(lp, old, adv, mask, clip_low=0.3, clip_high=0.3)[0])(logp)
     np.testing.assert_allclose(token_grad, jax.grad(sequence_gspo)(logp), rtol=1e-5, atol=1e-7)

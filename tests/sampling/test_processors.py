@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from bridge import models, sampling
 from bridge.sampling import processors
 from bridge.sampling.sampler import SamplingConfig, _select, greedy
 
@@ -74,10 +76,79 @@ def test_process_chain_order(logits):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
-def test_proxy_tune(logits):
-    e, a = logits[::-1].copy(), logits * 0.5
-    got = processors.proxy_tune(jnp.asarray(logits), jnp.asarray(e), jnp.asarray(a), 0.8)
-    np.testing.assert_allclose(np.asarray(got), logits + 0.8 * (e - a), rtol=1e-6)
+PROXY_VOCAB, PROXY_TOKEN, PROXY_BOOST = 23, 17, 20.0
+PROXY_PROMPTS = [[5, 6, 7], [1, 2, 3, 4], [9]]
+
+
+def tiny_decoder(seed):
+    cfg = models.ModelConfig(family="qwen3", vocab_size=PROXY_VOCAB, hidden_size=16, intermediate_size=32,
+                             num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
+    return models.Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def last_prompt_logits(model, prompts):
+    """float64[B, V]: each prompt run alone (no padding, no cache), logits at its last token."""
+    return np.stack([np.asarray(model(jnp.asarray([p], jnp.int32)))[0, -1] for p in prompts]).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def proxy_trio():
+    """(base, expert, antiexpert): the expert is the antiexpert with its output-head column for
+    PROXY_TOKEN shifted so that, at the last token of every PROXY_PROMPT, expert - antiexpert is
+    exactly PROXY_BOOST at PROXY_TOKEN and 0 at every other token."""
+    base, anti = tiny_decoder(0), tiny_decoder(1)
+    expert = nnx.clone(anti)
+    hidden = np.stack([np.asarray(anti.hidden_states(jnp.asarray([p], jnp.int32)))[0, -1] for p in PROXY_PROMPTS])
+    delta = np.linalg.lstsq(hidden.astype(np.float64), np.full(len(PROXY_PROMPTS), PROXY_BOOST), rcond=None)[0]
+    expert.lm_head[...] = expert.lm_head[...].at[:, PROXY_TOKEN].add(jnp.asarray(delta, jnp.float32))
+    gap = last_prompt_logits(expert, PROXY_PROMPTS) - last_prompt_logits(anti, PROXY_PROMPTS)
+    want_gap = np.zeros_like(gap)
+    want_gap[:, PROXY_TOKEN] = PROXY_BOOST
+    np.testing.assert_allclose(gap, want_gap, atol=1e-3)  # the construction itself
+    return base, expert, anti
+
+
+def test_proxy_tuning_steers_greedy_decoding_to_the_expert_token(proxy_trio):
+    """Liu et al. 2024: decoding from base + alpha * (expert - antiexpert). With expert - antiexpert
+    = +PROXY_BOOST on one token only, greedy decoding through `generate` picks that token first for
+    alpha > 0, where the base alone picks something else; alpha = 0 decodes exactly as the base."""
+    base, expert, anti = proxy_trio
+    kw = dict(max_new_tokens=6, temperature=0.0)
+    plain = sampling.generate(base, PROXY_PROMPTS, **kw)
+    plain_first = np.asarray(plain.tokens)[:, 0]
+    assert not np.any(plain_first == PROXY_TOKEN), plain_first  # precondition: the base prefers other tokens
+    np.testing.assert_array_equal(plain_first, np.argmax(last_prompt_logits(base, PROXY_PROMPTS), -1))
+
+    steered = sampling.generate(base, PROXY_PROMPTS, proxy=(expert, anti, 0.5), **kw)
+    np.testing.assert_array_equal(np.asarray(steered.tokens)[:, 0], PROXY_TOKEN)
+
+    unsteered = sampling.generate(base, PROXY_PROMPTS, proxy=(expert, anti, 0.0), **kw)
+    np.testing.assert_array_equal(np.asarray(unsteered.tokens), np.asarray(plain.tokens))
+    np.testing.assert_array_equal(np.asarray(unsteered.mask), np.asarray(plain.mask))
+    np.testing.assert_allclose(np.asarray(unsteered.logprobs), np.asarray(plain.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.7])
+def test_proxy_first_step_logits_match_numpy(proxy_trio, alpha):
+    """The sampler's first-step logits (its prefill, on the left-padded batch) equal
+    l_base + alpha * (l_expert - l_antiexpert) from the three models run separately, in float64;
+    greedy `generate` reports log_softmax of that combination at its first token."""
+    base, expert, anti = proxy_trio
+    l_base, l_expert, l_anti = (last_prompt_logits(m, PROXY_PROMPTS) for m in proxy_trio)
+    want = l_base + alpha * (l_expert - l_anti)
+
+    config = SamplingConfig(max_new_tokens=1, temperature=0.0, proxy_alpha=alpha)
+    tokens, mask = sampling.left_pad(PROXY_PROMPTS, 16, len(PROXY_PROMPTS), 0)
+    split = [nnx.split(m) for m in proxy_trio]
+    _, got = sampling.prefill(tuple(g for g, _ in split), tuple(s for _, s in split),
+                              jnp.asarray(tokens), jnp.asarray(mask), config)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-5)
+
+    out = sampling.generate(base, PROXY_PROMPTS, max_new_tokens=1, temperature=0.0, proxy=(expert, anti, alpha))
+    first = np.asarray(out.tokens)[:, 0]
+    np.testing.assert_array_equal(first, np.argmax(want, -1))
+    np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], np_log_softmax(want)[np.arange(len(first)), first],
+                               atol=1e-4, rtol=0)
 
 
 def test_is_stop():
@@ -100,7 +171,8 @@ def test_greedy_matches_numpy_and_breaks_ties_low(logits, rows):
                                       dict(temperature=1.0, top_p=0.6), dict(temperature=1.0, min_p=0.2)])
 def test_draws_follow_processed_distribution(settings):
     """20k draws of one row: empirical frequencies match softmax(processed) within 4 sigma, and
-    the reported logprob is log_softmax(processed)[token]."""
+    the reported logprob is log_softmax(z / T)[token], before truncation (what a trainer
+    recomputes for the token)."""
     z = np.array([[1.0, 0.2, -0.5, 2.0, 0.0, -3.0]], np.float32)
     config = SamplingConfig(max_new_tokens=1, **settings)
     keys = jax.random.split(jax.random.key(0), 20000)
@@ -114,4 +186,5 @@ def test_draws_follow_processed_distribution(settings):
     freq = np.bincount(tokens, minlength=z.shape[1]) / len(tokens)
     sigma = np.sqrt(probs * (1 - probs) / len(tokens))
     assert np.all(np.abs(freq - probs) <= 4 * sigma + 1e-12), (freq, probs)
-    chex.assert_trees_all_close(logprobs, np_log_softmax(processed)[0][tokens], rtol=1e-5)
+    chex.assert_trees_all_close(logprobs, np_log_softmax(z / np.float32(settings["temperature"]))[0][tokens],
+                                rtol=1e-5)

@@ -96,24 +96,29 @@ def test_greedy_has_no_near_ties(qwen3):
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=0.7),
                                       dict(temperature=1.2, top_k=7, top_p=0.9)])
 def test_logprobs_equal_teacher_forced_scoring(qwen3, settings):
+    """Each token is drawn from the truncated distribution (it lies in the kept set), and its
+    reported logprob is log_softmax(logits / T)[token] before truncation: what the trainer
+    recomputes, so pi_trainer / pi_sampler is 1 up to numerics, whatever top-k/top-p do."""
     _, model = qwen3
     out = sampling.generate(model, PROMPTS, max_new_tokens=8, seed=3, n=2, **settings)
     z = teacher_forced_logits(model, out)
     t = settings["temperature"]
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     if t > 0:
         z = z / np.float32(t)
-        if "top_k" in settings:  # the same filters, written independently
-            kth = np.sort(z, axis=-1)[..., -settings["top_k"]][..., None]
-            z = np.where(z >= kth, z, -np.inf)
-            probs = np.exp(np_log_softmax(z))
-            order = np.argsort(-z, axis=-1, kind="stable")
-            sorted_p = np.take_along_axis(probs, order, -1)
-            before = np.cumsum(sorted_p, -1) - sorted_p
-            last_kept = np.take_along_axis(z, order, -1)
-            threshold = np.min(np.where(before < settings["top_p"], last_kept, np.inf), -1, keepdims=True)
-            z = np.where(z >= threshold, z, -np.inf)
-    want = np.take_along_axis(np_log_softmax(z), np.asarray(out.tokens)[..., None], -1)[..., 0]
-    mask = np.asarray(out.mask)
+    if "top_k" in settings:  # the same filters, written independently: tokens lie in the kept set
+        kth = np.sort(z, axis=-1)[..., -settings["top_k"]][..., None]
+        kept = np.where(z >= kth, z, -np.inf)
+        probs = np.exp(np_log_softmax(kept))
+        order = np.argsort(-kept, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, -1)
+        before = np.cumsum(sorted_p, -1) - sorted_p
+        last_kept = np.take_along_axis(kept, order, -1)
+        threshold = np.min(np.where(before < settings["top_p"], last_kept, np.inf), -1, keepdims=True)
+        kept = np.where(kept >= threshold, kept, -np.inf)
+        assert np.all(np.isfinite(np.take_along_axis(kept, tokens[..., None], -1)[..., 0])[mask])
+        assert np.mean(np.isfinite(kept)) < 0.5  # the filters did cut the vocabulary
+    want = np.take_along_axis(np_log_softmax(z), tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(out.logprobs)[mask], want[mask], atol=1e-4, rtol=0)
     assert np.all(np.asarray(out.logprobs)[~mask] == 0)
 
@@ -199,7 +204,12 @@ def test_top_k_1_equals_greedy(qwen3):
     greedy = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
     top1 = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.9, top_k=1, seed=5)
     np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(greedy.tokens))
-    np.testing.assert_array_equal(np.asarray(top1.logprobs), 0.0)
+    # logprobs are of the untruncated T = 0.9 distribution (not log 1 = 0 of the top-1 one)
+    want = np.take_along_axis(np_log_softmax(teacher_forced_logits(model, top1) / np.float32(0.9)),
+                              np.asarray(top1.tokens)[..., None], -1)[..., 0]
+    mask = np.asarray(top1.mask)
+    np.testing.assert_allclose(np.asarray(top1.logprobs)[mask], want[mask], atol=1e-4, rtol=0)
+    assert np.all(np.asarray(top1.logprobs)[mask] < 0)
 
 
 def test_n_samples_share_one_prefill_and_differ(qwen3):
