@@ -9,9 +9,10 @@ with the bandwidth measured here as the best of several on-device copies of a bu
 as the weights (bytes read + bytes written per second), so it comes from the same level of
 the memory hierarchy the weights live in: HBM on an accelerator, possibly a large last-level
 cache on a CPU. The model is a random Qwen3 of the chosen shape
-(`qwen3-1.7b`: 28 layers, hidden 2048, MLP 6144, 16 heads / 8 kv heads x 128, vocab
-151,936, tied; `toy`: sampler_vs_hf.py's 4-layer d-256 shape), built directly in JAX (no
-checkpoint needed), decoding through `bridge.sampling.generate`.
+(`qwen3-1.7b`: common.QWEN3_1_7B, 28 layers, hidden 2048, MLP 6144, 16 heads / 8 kv heads x
+128, vocab 151,936, tied; `toy`: common.QWEN3_TOY, the 4-layer d-256 model of the sampler and
+train-step benchmarks), built directly in JAX (no checkpoint needed), decoding through
+`bridge.sampling.generate`.
 
     .venv/bin/python benchmarks/decode_roofline.py                       # qwen3-1.7b, bfloat16
     .venv/bin/python benchmarks/decode_roofline.py --shape=toy --dtype=float32
@@ -26,19 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common
 
-SHAPES = {
-    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-                       num_kv_heads=8, head_dim=128),
-    "toy": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-                num_kv_heads=2, head_dim=64),
-}
+SHAPES = {"qwen3-1.7b": common.QWEN3_1_7B, "toy": common.QWEN3_TOY}
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
@@ -47,14 +39,7 @@ def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
     import jax.numpy as jnp
 
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda x: x + 1.0)
-    copy(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * x.nbytes / best
+    return 2 * x.nbytes / min(common.wall_times(jax.jit(lambda x: x + 1.0), x, repeats=repeats))
 
 
 def main() -> None:
@@ -65,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
 
     import jax
     import jax.numpy as jnp
@@ -72,11 +58,9 @@ def main() -> None:
     from flax import nnx
 
     from bridge import models, sampling
-    from sampler_vs_hf import write_report
 
     dtype = jnp.dtype(args.dtype)
-    cfg = models.ModelConfig(family="qwen3", **SHAPES[args.shape], qk_norm=True, tie_word_embeddings=True,
-                             dtype=dtype, param_dtype=dtype, rope_theta=1_000_000.0)
+    cfg = common.model_config(SHAPES[args.shape], dtype=dtype, param_dtype=dtype)
     model = models.Decoder(cfg, rngs=nnx.Rngs(0))
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     # keys + values of every layer, averaged over the slots a step reads (prompt .. prompt + new)
@@ -87,31 +71,22 @@ def main() -> None:
 
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.prompt_len)).tolist()
     run = lambda: np.asarray(sampling.generate(model, prompt, args.new_tokens, 0.0).tokens)  # noqa: E731
-    run()  # compiles
-    best = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    tokens_per_s = args.new_tokens / best
+    tokens_per_s = args.new_tokens / min(common.wall_times(run, repeats=args.repeats))
 
-    device = jax.devices()[0]
-    text = "\n".join([
-        f"# Batch-1 decode vs the bandwidth roofline ({device.platform}, {args.shape}, {args.dtype})", "",
-        f"Device: {device.device_kind} ({jax.device_count()} visible, one used); host "
-        f"{platform.machine()}, jax {jax.__version__}.",
-        f"Random Qwen3 `{args.shape}` ({weight_bytes / 1e9:.3f} GB of weights), greedy, prompt {args.prompt_len} "
-        f"tokens, {args.new_tokens} new tokens, end to end through `sampling.generate`, best of {args.repeats} "
-        "after a compiling run.", "",
-        f"Command: `.venv/bin/python benchmarks/decode_roofline.py --shape={args.shape} --dtype={args.dtype}`", "",
-        "| copy bandwidth (GB/s) | bytes per step (GB) | roofline tok/s | measured tok/s | fraction of roofline |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {bandwidth / 1e9:.1f} | {(weight_bytes + kv_bytes) / 1e9:.4f} | {roofline:.0f} | {tokens_per_s:.0f} | "
-        f"{tokens_per_s / roofline:.0%} |", "",
-        *(["On CPU the copy is not bandwidth-bound (see the script's docstring): not a roofline.", ""]
-          if device.platform == "cpu" else [])])
-    write_report(text, os.path.join(ROOT, "benchmarks", "results", f"decode_roofline_{device.platform}_{args.shape}.md"))
-
+    platform = jax.devices()[0].platform
+    common.write_report(
+        f"decode_roofline_{platform}_{args.shape}",
+        f"Batch-1 decode vs the bandwidth roofline ({platform}, {args.shape}, {args.dtype})",
+        [f"Random Qwen3 `{args.shape}` ({common.describe_model(cfg)}; {weight_bytes / 1e9:.3f} GB of weights), "
+         f"greedy, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, end to end through "
+         f"`sampling.generate` on one device, best of {args.repeats} after a compiling run."],
+        ["| copy bandwidth (GB/s) | bytes per step (GB) | roofline tok/s | measured tok/s | fraction of roofline |",
+         "|---:|---:|---:|---:|---:|",
+         f"| {bandwidth / 1e9:.1f} | {(weight_bytes + kv_bytes) / 1e9:.4f} | {roofline:.0f} | {tokens_per_s:.0f} | "
+         f"{tokens_per_s / roofline:.0%} |",
+         *(["", "On CPU the copy is not bandwidth-bound (see the script's docstring): not a roofline."]
+           if platform == "cpu" else [])],
+        common.jax_versions(), common.load_note(load_before))
 
 if __name__ == "__main__":
     main()

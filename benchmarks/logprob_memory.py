@@ -21,25 +21,19 @@ Writes benchmarks/results/logprob_memory.md.
 """
 import functools
 import os
-import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
-from sampler_vs_hf import write_report  # noqa: E402
+from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs
 
 BATCH, LENGTH, WIDTH, VOCAB = 8, 2048, 2048, 151_936
 GOAL_GIB = 1.5
 TOP_K = 32
 SWEEP_CHUNKS = (64, 128, 256, 512)
 GIB = 2**30
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "logprob_memory.md")
 
 HIDDEN = jax.ShapeDtypeStruct((BATCH, LENGTH, WIDTH), jnp.float32)
 HEAD = jax.ShapeDtypeStruct((WIDTH, VOCAB), jnp.float32)
@@ -87,14 +81,8 @@ def compiled_temp_gib(fn, args):
     return stats.temp_size_in_bytes / GIB, stats.output_size_in_bytes / GIB, seconds
 
 
-def machine_description():
-    device = jax.devices()[0]
-    return (f"{platform.platform()}; processor {platform.processor() or platform.machine()}; "
-            f"{os.cpu_count()} CPUs; jax {jax.__version__}, backend {jax.default_backend()} "
-            f"({device.device_kind})")
-
-
 def main():
+    load_before = os.getloadavg()[0]
     default_chunk = chunked.default_chunk_size(BATCH * LENGTH, VOCAB)
     rows = []
     reference_cases = logprob_cases("reference") + divergence_cases("reference")
@@ -114,20 +102,14 @@ def main():
         sweep.append((chunk_size, temp))
         print(f"chunk {chunk_size:4d}: token_logprobs grad temp {temp:.3f} GiB", flush=True)
 
-    lines = [
-        "# bridge.kernels.logprobs: compiled working memory",
-        "",
+    intro = [
         f"N = B*T = {BATCH}*{LENGTH} = {BATCH * LENGTH} tokens, D = {WIDTH} (student and "
         f"teacher), V = {VOCAB}, float32. XLA `compiled.memory_analysis().temp_size_in_bytes` "
         "of `jax.jit(fn).lower(...).compile()` (compiled, never run); both variants are real "
         "compiles, none of the numbers is analytic. Outputs (the gradients: head 1.16 GiB, "
         "hidden 0.125 GiB) are not temporaries and are listed separately. Chunked variant at "
-        f"its default chunk size ({default_chunk} tokens).",
-        "",
-        f"Machine: {machine_description()}.",
-        "",
-        "Command: `.venv/bin/python benchmarks/logprob_memory.py`",
-        "",
+        f"its default chunk size ({default_chunk} tokens)."]
+    lines = [
         f"| function | pass | reference temp (GiB) | chunked temp (GiB) | outputs (GiB) | "
         f"chunked <= {GOAL_GIB} GiB |",
         "|---|---|---:|---:|---:|:---:|",
@@ -144,7 +126,8 @@ def main():
     lines += ["", "Chunk-size sweep, token_logprobs gradient wrt (hidden, head):", "",
               "| chunk (tokens) | temp (GiB) |", "|---:|---:|"]
     lines += [f"| {chunk_size} | {temp:.3f} |" for chunk_size, temp in sweep]
-    write_report("\n".join(lines) + "\n", RESULTS)
+    common.write_report("logprob_memory", "bridge.kernels.logprobs: compiled working memory", intro, lines,
+                        common.jax_versions(), common.load_note(load_before))
 
 
 if __name__ == "__main__":

@@ -12,22 +12,16 @@ Writes benchmarks/results/logprob_speed.md.
     .venv/bin/python benchmarks/logprob_speed.py
 """
 import os
-import platform
 import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs  # noqa: E402
-from sampler_vs_hf import write_report  # noqa: E402
+from bridge.kernels.logprobs import chunked, token_divergence, token_logprobs
 
 BATCH, LENGTH, WIDTH, VOCAB = 4, 512, 512, 32_000
 REPEATS = 3
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "logprob_speed.md")
 
 
 def cases(implementation):
@@ -47,17 +41,11 @@ def cases(implementation):
 
 
 def median_seconds(fn, args):
-    compiled = jax.jit(fn)
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(common.wall_times(jax.jit(fn), *args, repeats=REPEATS))
 
 
 def main():
+    load_before = os.getloadavg()[0]
     keys = jax.random.split(jax.random.key(0), 3)
     args = (jax.random.normal(keys[0], (BATCH, LENGTH, WIDTH)),
             0.05 * jax.random.normal(keys[1], (WIDTH, VOCAB)),
@@ -68,26 +56,14 @@ def main():
         chunked_s = median_seconds(chunked_fn, args)
         rows.append((name, reference_s, chunked_s))
         print(f"{name:40s} reference {reference_s:.3f} s  chunked {chunked_s:.3f} s", flush=True)
-    device = jax.devices()[0]
-    lines = [
-        "# bridge.kernels.logprobs: wall time, reference vs chunked",
-        "",
-        f"N = {BATCH}*{LENGTH} = {BATCH * LENGTH} tokens, D = {WIDTH}, V = {VOCAB}, float32; "
-        f"jitted, median of {REPEATS} runs after one warm-up run. Chunked at its default chunk "
-        f"size ({chunked.default_chunk_size(BATCH * LENGTH, VOCAB)} tokens).",
-        "",
-        f"Machine: {platform.platform()}; processor {platform.processor() or platform.machine()}"
-        f"; {os.cpu_count()} CPUs; jax {jax.__version__}, backend {jax.default_backend()} "
-        f"({device.device_kind}); 1-minute load average at the end {os.getloadavg()[0]:.1f}.",
-        "",
-        "Command: `.venv/bin/python benchmarks/logprob_speed.py`",
-        "",
-        "| function | reference (s) | chunked (s) | chunked / reference |",
-        "|---|---:|---:|---:|",
-    ]
+    intro = [f"N = {BATCH}*{LENGTH} = {BATCH * LENGTH} tokens, D = {WIDTH}, V = {VOCAB}, float32; "
+             f"jitted, median of {REPEATS} runs after one warm-up run. Chunked at its default chunk "
+             f"size ({chunked.default_chunk_size(BATCH * LENGTH, VOCAB)} tokens)."]
+    lines = ["| function | reference (s) | chunked (s) | chunked / reference |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {reference_s:.3f} | {chunked_s:.3f} | {chunked_s / reference_s:.2f} |"
               for name, reference_s, chunked_s in rows]
-    write_report("\n".join(lines) + "\n", RESULTS)
+    common.write_report("logprob_speed", "bridge.kernels.logprobs: wall time, reference vs chunked", intro, lines,
+                        common.jax_versions(), common.load_note(load_before))
 
 
 if __name__ == "__main__":

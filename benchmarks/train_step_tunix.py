@@ -1,13 +1,13 @@
 """Tunix's GRPO train step on the weights and batch `benchmarks/train_step.py` writes.
 
-Run by the Tunix venv's python (google-tunix 0.1.7 pins its own jax), as a subprocess of
-train_step.py, which prints both sides in one table:
+Run by the Tunix venv's python (google-tunix 0.1.7 pins its own jax), as the `common.TunixPeer`
+of train_step.py (--serve), which prints both sides in one table; alone it times --repeats steps:
 
     /work/tunix-venv/bin/python benchmarks/train_step_tunix.py --model DIR --batch DIR/batch.npz
 
 What is timed, and how it matches bridge's step:
-- Model: Tunix's own Qwen3 (`tunix.models.qwen3`), config read from DIR/config.json, weights
-  loaded by Tunix's safetensors loader (`params.create_model_from_safe_tensors`).
+- Model: `common.tunix_qwen3`: Tunix's own Qwen3 (`tunix.models.qwen3`), config read from
+  DIR/config.json, weights loaded by Tunix's safetensors loader, float32.
 - Step: the actor trainer's jitted train step exactly as `GRPOLearner` wires it
   (`rl.trainer.Trainer` + `with_loss_fn(grpo_loss_fn, has_aux=True)` +
   `with_gen_model_input_fn({"train_example", "algo_config"})`, then
@@ -20,10 +20,11 @@ What is timed, and how it matches bridge's step:
   and tokenizer; the batch (a `TrainExample`) is given directly instead, with bridge's
   advantages and old logprobs, so both compute the same loss on the same numbers.
 - Each step is timed until loss, aux and grad norm are ready (what Tunix's own
-  `peft_train_step` span waits for), after compile + one warm-up step. Alone: median of
-  --repeats steps. With --serve (how train_step.py runs it): one step per "step" line on
-  stdin, its seconds printed back, so the caller can alternate these steps with its own.
-Prints one JSON line (first-step loss and grad norm, second-step loss, XLA FLOP count).
+  `peft_train_step` span waits for), after compile + one warm-up step.
+Prints one JSON object (first-step loss and grad norm, second-step loss, XLA FLOP count,
+versions; alone also the median and min of --repeats steps). With --serve it is the ready line
+of `common.serve`, and each request {"step": true} on stdin is answered with {"seconds": ...} of
+one step, so the caller can alternate these steps with its own.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
+
+import common
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -44,19 +44,6 @@ from flax import nnx  # noqa: E402
 
 PAD_ID = 0  # token ids in the batch are >= 1, so Tunix's masks (ids != pad) are all true
 EOS_ID = -1  # unused by the training step (no eos in the fixed batch)
-
-
-def tunix_model(model_dir: str):
-    from tunix.models.qwen3 import model as qwen3_model, params as qwen3_params
-
-    with open(os.path.join(model_dir, "config.json")) as f:
-        hf = json.load(f)
-    config = qwen3_model.ModelConfig(
-        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
-        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"], head_dim=hf["head_dim"],
-        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf.get("rope_theta", 1_000_000)),
-        norm_eps=hf["rms_norm_eps"], use_tied_embedding=hf["tie_word_embeddings"])
-    return qwen3_params.create_model_from_safe_tensors(model_dir, config, dtype=jnp.float32)
 
 
 def grpo_trainer(model, lr: float, group_size: int):
@@ -81,6 +68,7 @@ def grpo_trainer(model, lr: float, group_size: int):
 
 
 def train_example(path: str):
+    """The batch train_step.py saved, as Tunix's TrainExample (it must hold no padding)."""
     from tunix.rl.grpo import grpo_learner
 
     b = np.load(path)
@@ -102,46 +90,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--serve", action="store_true",
-                        help="after warm-up print a ready line, then time one step per 'step' line on stdin "
-                             "(printing its seconds) until stdin closes")
+                        help="after warm-up print the result line as the ready line, then answer each "
+                             '{"step": true} line on stdin with one timed step until stdin closes')
     args = parser.parse_args()
     from importlib.metadata import version
 
     example = train_example(args.batch)
-    trainer = grpo_trainer(tunix_model(args.model), args.lr, group_size=int(example.completion_ids.shape[0]))
+    trainer = grpo_trainer(common.tunix_qwen3(args.model)[1], args.lr,
+                           group_size=int(example.completion_ids.shape[0]))
     xla_flops = nnx.jit(trainer.create_train_step_fn()).lower(
         trainer.model, trainer.optimizer, example).compile().cost_analysis().get("flops", float("nan"))
     train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
-    start = time.perf_counter()
-    loss, aux, grad_norm = jax.block_until_ready(train_step(example))
-    compile_s = time.perf_counter() - start
-    first = dict(loss=float(loss), grad_norm=float(grad_norm))
-    second_loss = float(jax.block_until_ready(train_step(example))[0])
-
-    def timed_step() -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(train_step(example))
-        return time.perf_counter() - start
-
-    if args.serve:  # the caller alternates our steps with its own: one "step" line, one time back
-        print(json.dumps({"ready": True}), flush=True)
-        for line in sys.stdin:
-            if line.strip() == "step":
-                print(timed_step(), flush=True)
-        times = []  # the caller holds them
-    else:
-        times = [timed_step() for _ in range(args.repeats)]
-    print(json.dumps(dict(
-        first, second_loss=second_loss, compile_s=compile_s, xla_flops=float(xla_flops),
-        median_s=float(np.median(times)) if times else None, min_s=float(np.min(times)) if times else None,
-        version=version("google-tunix"),
-        versions=f"google-tunix {version('google-tunix')}, jax {jax.__version__}, flax {version('flax')}, "
-                 f"optax {version('optax')}",
+    (loss, _, grad_norm), compile_s, _ = common.timed(train_step, example)
+    second_loss = float(common.timed(train_step, example)[0][0])
+    result = dict(
+        loss=float(loss), grad_norm=float(grad_norm), second_loss=second_loss, compile_s=compile_s,
+        xla_flops=float(xla_flops), version=version("google-tunix"), versions=common.tunix_versions("optax"),
         what="the actor trainer's jitted GRPO train step (rl.trainer.Trainer with grpo_loss_fn wired as "
              "GRPOLearner does; forward + loss + backward + AdamW via nnx.Optimizer) on the same TrainExample; "
              "GRPOLearner's rollout, reward/advantage computation and scoring passes are not part of the "
              "update and are not timed. Tunix's loss materializes the [8, 128, 32000] float32 logits of every "
-             "position (prompt included) and takes the entropy metric from them.")), flush=True)
+             "position (prompt included) and takes the entropy metric from them.")
+    if args.serve:  # the caller alternates our steps with its own
+        common.serve(lambda message: dict(seconds=common.timed(train_step, example)[1]), **result)
+    else:
+        times = [common.timed(train_step, example)[1] for _ in range(args.repeats)]
+        print(json.dumps(dict(result, median_s=float(np.median(times)), min_s=float(np.min(times)))), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,19 +45,6 @@ class PromptBatch:
         return [row[m].tolist() for row, m in zip(self.ids, self.mask)]
 
 
-@dataclasses.dataclass(frozen=True)
-class SFTBatch:
-    """tokens int32[b, L] right-padded prompt + target completion + eos; loss_mask bool[b, L] True
-    on completion tokens (the eos included): train on logits[:, :-1] vs tokens[:, 1:] weighted by
-    loss_mask[:, 1:]; mask bool[b, L] True on all real tokens."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    mask: np.ndarray
-    examples: list[Example]
-    epoch: int
-
-
 def _bucket_length(length: int, buckets: Sequence[int]) -> int:
     for bucket in buckets:
         if length <= bucket:
@@ -197,61 +184,4 @@ def make_prompt_iterator(
         process_index=process_index,
         process_count=process_count,
         description={"task": task.name, "split": split, "kind": "prompts"},
-    )
-
-
-def make_sft_iterator(
-    task: Task,
-    tokenizer,
-    split: str,
-    batch_size: int,
-    seed: int,
-    *,
-    buckets: Sequence[int] | None = None,
-    max_len: int | None = None,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    pad_id: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> BatchIterator:
-    """Batches of prompt + `Example.solution` + eos (`SFTBatch`) for supervised warm starts (e.g.
-    the toy SFT on answers); same ordering, sharding and state as `make_prompt_iterator`."""
-    process_index, process_count = _hosts(process_index, process_count)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("make_sft_iterator: the tokenizer has no eos token to end the targets.")
-
-    def encode(example: Example) -> tuple[list[int], list[int]]:
-        if example.solution is None:
-            raise ValueError(f"{task.name}/{split} example {example.id} has no solution to train on.")
-        prompt = task.prompt_ids(example, tokenizer)
-        target = tokenizer.encode(example.solution, add_special_tokens=False)
-        return (prompt, target + [tokenizer.eos_token_id])
-
-    examples, pairs = _usable(task, split, max_len, encode, lambda pair: len(pair[0]) + len(pair[1]))
-    lengths = sorted(buckets) if buckets else [max(len(p) + len(t) for p, t in pairs)]
-    pad = tokenizer_pad_id(tokenizer) if pad_id is None else pad_id
-
-    def build(local: list[int], epoch: int) -> SFTBatch:
-        rows = [pairs[i] for i in local]
-        width = _bucket_length(max(len(p) + len(t) for p, t in rows), lengths)
-        tokens = np.full((len(rows), width), pad, np.int32)
-        loss_mask = np.zeros((len(rows), width), bool)
-        mask = np.zeros((len(rows), width), bool)
-        for r, (prompt, target) in enumerate(rows):
-            tokens[r, : len(prompt) + len(target)] = prompt + target
-            mask[r, : len(prompt) + len(target)] = True
-            loss_mask[r, len(prompt) : len(prompt) + len(target)] = True
-        return SFTBatch(tokens, loss_mask, mask, [examples[i] for i in local], epoch)
-
-    return BatchIterator(
-        examples,
-        build,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        process_index=process_index,
-        process_count=process_count,
-        description={"task": task.name, "split": split, "kind": "sft"},
     )

@@ -1,15 +1,28 @@
-"""The training runtime every stage runs on: model slots, the stage loop, checkpoints, resume.
+"""The training runtime every stage runs on: model slots, the pipeline, the stage loop,
+checkpoints, resume, artifacts and the one source of randomness.
 
-A pipeline is an ordered list of stages. Each stage trains one model *slot* ("teacher",
-"student", ...) and may read others. A stage module exposes
+A pipeline (`config.pipeline.stages`) is an ordered list of stage names and repeated blocks
+("block:<name>" runs `config.pipeline.blocks[<name>].stages` `repeat` times). Each run of a
+stage is a `Unit` (stage, iteration), with id "<stage>" outside blocks and "<stage>@<k>" in
+iteration k = 1, 2, ... of a block; checkpoints, metrics, exports, artifacts and results are
+keyed by that id. A stage config's `per_iteration` sub-config gives a key one value per
+iteration (`per_iteration.strategy=("s1", "s1", "s3")`; the last value repeats).
 
-    build(ctx, name, cfg) -> StageProgram(graphdef, state, step, data)
+Each stage trains one model *slot* ("teacher", "student", ...) and may read others by
+reference: a slot name, "stage:<stage>" (its exported weights), "artifact:<stage>/<name>"
+(a model snapshot it published) or "hf:<path>"; inside a block, a stage of the same block
+means the current iteration's unit. A stage kind (`bridge.stages.StageKind`) builds
 
-where `step(state, i) -> (state, metrics)` does one stage step (rollouts, scoring, one or
-more jitted updates). `run_stage` owns everything around it: resume from the latest
-checkpoint (state + data-iterator state), metrics, checkpoints every N steps and at the end,
-the non-finite guard, export of the final weights as a Hugging Face folder, and the
-pipeline cursor. New stages (ERPD, self-distillation) plug in by adding a module.
+    StageProgram(graphdef, state, step, data),   step(state, i) -> (state, metrics)
+
+and `run_stage` owns everything around it: resume from the latest checkpoint (state +
+data-iterator state), metrics, checkpoints every N steps and at the end, the non-finite
+guard, and, where the stage exports (`export`, default: every stage outside a block and the
+last stage of each block), the full evaluation and a Hugging Face folder. Raising a block's
+`repeat` on a finished workdir runs only the new iterations.
+
+Every random choice derives from `ctx.rng(unit, step, purpose)`: a function of (seed, stage,
+iteration, step, purpose), so iterations of a block never repeat each other's draws.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from tqdm import tqdm
 
 from bridge import checkpoint, metrics as metrics_lib, models, sharding
@@ -44,7 +57,20 @@ class StageProgram:
     state: Any  # TrainState
     step: Callable  # (state, step_index) -> (state, metrics)
     data: Any = None  # iterator with get_state() / set_state(); saved in checkpoints
-    slot: str = "student"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One run of a stage: iteration 0 outside blocks, 1, 2, ... inside a repeated block."""
+
+    stage: str
+    iteration: int = 0
+    block: str = ""
+    block_stages: tuple = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}@{self.iteration}" if self.block else self.stage
 
 
 @dataclasses.dataclass
@@ -60,6 +86,7 @@ class Context:
     writer: metrics_lib.MetricsWriter
     slots: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)
+    current: Unit | None = None  # the unit being built or run
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -69,10 +96,20 @@ class Context:
     def pad_id(self) -> int:
         return models.pad_id(self.tokenizer)
 
-    def stage_rng(self, stage: str, step: int) -> jax.Array:
-        """Randomness of one stage step: a function of (seed, stage name, step) only."""
-        key = jax.random.fold_in(jax.random.key(self.cfg.seed), zlib.crc32(stage.encode()))
-        return jax.random.fold_in(key, step)
+    def rng(self, unit: Unit, step: int, purpose: str) -> jax.Array:
+        """The key of one random choice: a function of (seed, stage, iteration, step, purpose)."""
+        key = jax.random.key(int(self.cfg.seed))
+        for part in (zlib.crc32(unit.stage.encode()), unit.iteration, step, zlib.crc32(purpose.encode())):
+            key = jax.random.fold_in(key, part)
+        return key
+
+    def seed(self, unit: Unit, step: int, purpose: str) -> int:
+        """`rng` as a 31-bit integer seed (the sampler's, a data stream's)."""
+        return int(jax.random.randint(self.rng(unit, step, purpose), (), 0, 2**31 - 1))
+
+    def np_rng(self, unit: Unit, step: int, purpose: str) -> np.random.Generator:
+        """`rng` as a NumPy generator, for host-side shuffles."""
+        return np.random.default_rng(self.seed(unit, step, purpose))
 
     def stage_task(self, scfg):
         """The run's task, or the same task with the stage's `task_options` overriding its
@@ -84,13 +121,12 @@ class Context:
 
         return tasks.get_task(self.cfg.task.name, **{**self.cfg.task.options.to_dict(), **overrides.to_dict()})
 
-    def prompts(self, stage: str, batch_size: int):
-        """The stage's shuffled, checkpointable stream of training prompt batches."""
+    def prompts(self, unit: Unit, batch_size: int):
+        """The unit's shuffled, checkpointable stream of training prompt batches."""
         from bridge import data
 
         return data.make_prompt_iterator(self.task, self.tokenizer, "train", batch_size,
-                                         seed=int(self.cfg.seed) + zlib.crc32(stage.encode()) % 10_000,
-                                         pad_id=self.pad_id)
+                                         seed=self.seed(unit, 0, "prompts"), pad_id=self.pad_id)
 
     def load(self, path: str):
         dtype = self.cfg.get("dtype", "float32")
@@ -98,19 +134,66 @@ class Context:
                               mesh=self.mesh, rules=self.rules, remat=bool(self.cfg.get("remat", False)),
                               scan_layers=bool(self.cfg.get("scan_layers", False)))
 
+    def resolve(self, ref: str) -> str:
+        """"stage:X" / "artifact:X/name" with X a stage of the current unit's block -> the
+        current iteration's unit ("stage:X@k"); other references unchanged."""
+        unit = self.current
+        for prefix in ("stage:", "artifact:"):
+            if ref.startswith(prefix) and unit is not None and unit.block:
+                target, sep, rest = ref[len(prefix):].partition("/")
+                if "@" not in target and target in unit.block_stages:
+                    return f"{prefix}{target}@{unit.iteration}{sep}{rest}"
+        return ref
+
     def model(self, ref: str):
-        """A model by reference: a slot name ("teacher"), "stage:<name>" or "hf:<path>"."""
+        """A model by reference: a slot name ("teacher"), "stage:<stage>", "artifact:<stage>/<name>"
+        (a published snapshot) or "hf:<path>"."""
+        ref = self.resolve(ref)
         if ref.startswith("hf:"):
             return self.load(ref[3:])
+        if ref.startswith("artifact:"):
+            return self.load(self._artifact_path(ref, model=True))
         if ref.startswith("stage:"):
             path = os.path.join(self.workdir, "models", ref[6:])
             if not os.path.exists(os.path.join(path, DONE)):
-                raise ValueError(f"Model reference {ref!r}: stage {ref[6:]!r} has not finished "
-                                 f"(no {DONE} in {path}); order the stages so it runs first.")
+                raise ValueError(f"Model reference {ref!r}: stage {ref[6:]!r} has not finished or does not "
+                                 f"export its weights (no {DONE} in {path}); order the stages so it runs "
+                                 "first, with export=True.")
             return self.load(path)
         if ref not in self.slots:
             self.slots[ref] = self._initial_model(ref)
         return self.slots[ref]
+
+    def publish(self, unit: Unit, name: str, value) -> None:
+        """Saves a named output of `unit` for later stages: a model (a Hugging Face folder) or
+        a dict tree of arrays (.npz); atomic, so a kill never leaves half an artifact."""
+        path = os.path.join(self.workdir, "artifacts", unit.id, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(value, nnx.Module):
+            tmp = path + ".tmp"
+            models.save_hf(value, tmp, tokenizer=self.tokenizer)
+            if os.path.exists(path):
+                import shutil
+
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            return
+        flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(value)).items()}
+        np.savez(path + ".tmp.npz", **flat)
+        os.replace(path + ".tmp.npz", path + ".npz")
+
+    def artifact(self, ref: str) -> dict:
+        """The array tree published as "artifact:<stage>/<name>"."""
+        with np.load(self._artifact_path(self.resolve(ref), model=False)) as f:
+            return traverse_util.unflatten_dict({tuple(k.split("/")): f[k] for k in f.files})
+
+    def _artifact_path(self, ref: str, *, model: bool) -> str:
+        unit_id, _, name = ref[len("artifact:"):].partition("/")
+        path = os.path.join(self.workdir, "artifacts", unit_id, name) + ("" if model else ".npz")
+        if not name or not os.path.exists(path):
+            raise ValueError(f"Artifact {ref!r} does not exist (no {path}): stage {unit_id!r} must run "
+                             f"before this stage and publish {name!r}.")
+        return path
 
     def _initial_model(self, slot: str):
         """A slot's starting weights: its `hf_dir`, or a seeded random init of its `arch`,
@@ -144,7 +227,7 @@ def make_context(cfg, workdir: str) -> Context:
     _check_workdir_config(cfg, workdir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
     rules = sharding.as_rules(cfg.mesh.rules)
-    tokenizer = _tokenizer(cfg.tokenizer)
+    tokenizer = tokenizer_from_spec(cfg.tokenizer)
     task = tasks.get_task(cfg.task.name, **cfg.task.options.to_dict())
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard,
                                        wandb_project=cfg.metrics.get("wandb_project") or None)
@@ -152,21 +235,25 @@ def make_context(cfg, workdir: str) -> Context:
                    tokenizer=tokenizer, task=task, writer=writer)
 
 
-def _tokenizer(spec: str):
+def tokenizer_from_spec(spec: str):
+    """"char:<alphabet>" (the toy tokenizers) or a Hugging Face tokenizer folder."""
     if spec.startswith("char:"):
         return models.char_tokenizer(spec[5:])
     return models.load_tokenizer(spec)
 
 
 def _check_workdir_config(cfg, workdir: str) -> None:
-    """A workdir belongs to one experiment: refuse to resume under a different one."""
+    """A workdir belongs to one experiment: refuse to resume under a different one. Evaluation,
+    metrics and checkpoint settings may change, and so may a block's `repeat` (raising it runs
+    the new iterations)."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(cfg.to_json_best_effort(sort_keys=True))
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         changed = sorted(_diff(saved, current))
-        structural = [k for k in changed if not k.startswith(("eval.", "metrics.", "checkpoint."))]
+        structural = [k for k in changed if not k.startswith(("eval.", "metrics.", "checkpoint."))
+                      and not (k.startswith("pipeline.blocks.") and k.endswith(".repeat"))]
         if structural:
             raise checkpoint.CheckpointError(
                 f"{workdir} holds a run of a different config (changed: {', '.join(structural[:10])}). "
@@ -187,17 +274,86 @@ def _shapes(state) -> list:
     return [list(x.shape) for x in jax.tree.leaves(state)]
 
 
-def run_stage(ctx: Context, name: str, scfg, build: Callable) -> None:
-    """Runs (or resumes, or skips if finished) one stage and exports its final weights."""
-    out_dir = os.path.join(ctx.workdir, "models", name)
+def for_iteration(scfg, iteration: int):
+    """The stage config of one iteration: each `per_iteration` key takes its value for this
+    iteration (1-based; the last value repeats; iteration 0, outside blocks, takes the first)."""
+    per = scfg.get("per_iteration")
+    if not per or not per.to_dict():
+        return scfg
+    out = scfg.copy_and_resolve_references()
+    with out.unlocked():
+        for key, values in per.items():
+            values = tuple(values)
+            out[key] = values[min(max(iteration, 1), len(values)) - 1]
+    return out
+
+
+def pipeline_units(cfg) -> list[tuple[Unit, Any, bool]]:
+    """(unit, its stage config, whether it exports) for every unit of the pipeline, in order.
+    Fails before any work on an undefined stage or block, a stage used twice, or an unknown kind."""
+    from bridge import stages
+
+    entries, seen = [], set()
+    for entry in cfg.pipeline.stages:
+        if entry.startswith("block:"):
+            name = entry[len("block:"):]
+            if name not in cfg.pipeline.get("blocks", {}):
+                raise ValueError(f"Pipeline block {name!r} is not defined in config.pipeline.blocks.")
+            block = cfg.pipeline.blocks[name]
+            entries.append((name, tuple(block.stages), int(block.repeat)))
+        else:
+            entries.append(("", (entry,), 1))
+    units = []
+    for block, names, repeat in entries:
+        for stage in names:
+            if stage not in cfg.stages:
+                raise ValueError(f"Pipeline stage {stage!r} is not defined in config.stages "
+                                 f"(defined: {', '.join(sorted(cfg.stages))}).")
+            if stage in seen:
+                raise ValueError(f"Stage {stage!r} appears twice in the pipeline; define a second stage.")
+            seen.add(stage)
+            stages.kind(cfg.stages[stage].kind)  # an unknown kind fails before any work
+        for k in range(1, repeat + 1) if block else [0]:
+            for position, stage in enumerate(names):
+                scfg = for_iteration(cfg.stages[stage], k)
+                default = not block or position == len(names) - 1
+                units.append((Unit(stage, k, block, names), scfg, bool(scfg.get("export", default))))
+    return units
+
+
+def run_pipeline(cfg, workdir: str) -> Context:
+    """Runs (or resumes) every unit of the pipeline in order; returns the context (results)."""
+    from bridge import stages
+
+    units = pipeline_units(cfg)
+    ctx = make_context(cfg, workdir)
+    try:
+        for unit, scfg, export in units:
+            run_stage(ctx, unit, scfg, stages.kind(scfg.kind), export=export)
+    finally:
+        ctx.current = None
+        ctx.writer.close()
+    return ctx
+
+
+def _done_path(ctx: Context, unit: Unit) -> str:
+    return os.path.join(ctx.workdir, "stages", unit.id, "DONE.json")
+
+
+def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> None:
+    """Runs (or resumes, or skips if finished) one unit; with `export`, evaluates the trained
+    model on held-out prompts and writes it as a Hugging Face folder."""
+    ctx.current = unit
+    out_dir = os.path.join(ctx.workdir, "models", unit.id)
     slot = scfg.model
-    if os.path.exists(os.path.join(out_dir, DONE)):
+    done = _done_path(ctx, unit)
+    if os.path.exists(done) and os.path.exists(os.path.join(out_dir, DONE)):
         ctx.slots[slot] = ctx.load(out_dir)
-        with open(os.path.join(out_dir, "results.json")) as f:
-            ctx.results[name] = json.load(f)
+        with open(done) as f:
+            ctx.results[unit.id] = json.load(f)["results"]
         return
-    program: StageProgram = build(ctx, name, scfg)
-    ckpts = checkpoint.StageCheckpoints(ctx.workdir, name, keep=ctx.cfg.checkpoint.keep)
+    program: StageProgram = kind.build(ctx, unit, scfg)
+    ckpts = checkpoint.StageCheckpoints(ctx.workdir, unit.id, keep=ctx.cfg.checkpoint.keep)
     expect = {"config": checkpoint.fingerprint(scfg.to_dict()),
               "model": checkpoint.fingerprint(_shapes(program.state.params))}
     state, start = program.state, 0
@@ -207,13 +363,13 @@ def run_stage(ctx: Context, name: str, scfg, build: Callable) -> None:
         if program.data is not None:
             program.data.set_state(meta["data"])
         start = latest
-        ctx.writer.truncate(name, latest)
+    ctx.writer.truncate(unit.id, start)  # records of steps after the checkpoint (a killed run) go
     total = int(scfg.steps)
     every = int(ctx.cfg.checkpoint.every)
     max_nonfinite = int(ctx.cfg.checkpoint.get("max_nonfinite", 3))
-    _write_cursor(ctx, name, start)
+    _write_cursor(ctx, unit.id, start)
     with sharding.use_mesh(ctx.mesh, ctx.rules):
-        for step in tqdm(range(start, total), initial=start, total=total, desc=name,
+        for step in tqdm(range(start, total), initial=start, total=total, desc=unit.id,
                          disable=not ctx.cfg.metrics.progress, dynamic_ncols=True):
             t0 = time.perf_counter()
             state, step_metrics = program.step(state, step)
@@ -222,23 +378,33 @@ def run_stage(ctx: Context, name: str, scfg, build: Callable) -> None:
             step_metrics.update(memory_metrics())
             if int(state.skipped) >= max_nonfinite:
                 raise NonFiniteError(
-                    f"Stage {name!r}: {int(state.skipped)} consecutive non-finite losses/gradients at step "
+                    f"Stage {unit.id!r}: {int(state.skipped)} consecutive non-finite losses/gradients at step "
                     f"{step + 1}; stopped. The last good checkpoint in {ckpts.directory} is intact. "
                     "Lower the learning rate or check the data.")
-            ctx.writer.write(name, step + 1, step_metrics)
+            ctx.writer.write(unit.id, step + 1, step_metrics)
             if (step + 1) % every == 0 or step + 1 == total:
                 data_state = program.data.get_state() if program.data is not None else None
-                ckpts.save(step + 1, state, {**expect, "data": data_state, "stage": name, "step": step + 1})
-                _write_cursor(ctx, name, step + 1)
+                ckpts.save(step + 1, state, {**expect, "data": data_state, "stage": unit.id, "step": step + 1})
+                _write_cursor(ctx, unit.id, step + 1)
     model = nnx.merge(program.graphdef, state.params)
     ctx.slots[slot] = model
-    stage_results = evaluate_slot(ctx, model)
-    ctx.writer.write(name, total, {f"eval_{k}": v for k, v in stage_results.items()})
-    ctx.results[name] = stage_results
-    models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(stage_results, f, indent=2)
-    open(os.path.join(out_dir, DONE), "w").close()
+    if os.path.exists(done):  # finished before (not exported): restored from its last checkpoint
+        with open(done) as f:
+            ctx.results[unit.id] = json.load(f)["results"]
+        return
+    stage_results = {}
+    if export:
+        stage_results = evaluate_slot(ctx, model)
+        ctx.writer.write(unit.id, total, {f"eval_{k}": v for k, v in stage_results.items()})
+        models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(stage_results, f, indent=2)
+        open(os.path.join(out_dir, DONE), "w").close()
+    ctx.results[unit.id] = stage_results
+    os.makedirs(os.path.dirname(done), exist_ok=True)
+    with open(done + ".tmp", "w") as f:
+        json.dump({"results": stage_results, "exported": export, "iteration": unit.iteration}, f)
+    os.replace(done + ".tmp", done)
 
 
 def memory_metrics() -> dict:

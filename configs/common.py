@@ -31,7 +31,9 @@ def base() -> ml_collections.ConfigDict:
     c.tokenizer = ""
     c.models = ml_collections.ConfigDict()
     c.task = cd(name="arithmetic", options=ml_collections.ConfigDict())
-    c.pipeline = cd(name="sparse_to_dense", stages=(), c1_stage="", c2_stage="")
+    # stages: stage names in order, or "block:<name>" for pipeline.blocks[<name>] (its stages
+    # run `repeat` times in order; see bridge.runtime.run_pipeline)
+    c.pipeline = cd(name="stages", stages=(), blocks=ml_collections.ConfigDict())
     c.stages = ml_collections.ConfigDict()
     c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16, n=1, temperature=0.0, top_p=1.0, top_k=0)
     c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
@@ -39,15 +41,26 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def sampling(n: int = 8, **kw) -> ml_collections.ConfigDict:
+    """Every sampling stage's rollout settings: n samples per prompt, temperature (0 = greedy),
+    top_p, top_k, min_p, max_new_tokens and extra stop token ids (besides the tokenizer's eos)."""
+    return cd(**{"n": n, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 16,
+                 "stop_ids": (), **kw})
+
+
+def block(stages: tuple, repeat: int) -> ml_collections.ConfigDict:
+    """A repeated block of a pipeline: `stages` run in order, `repeat` times."""
+    return cd(stages=tuple(stages), repeat=repeat)
+
+
 def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
     """GRPO defaults (token-mean, clip 0.2, group 8, T=1); override for DAPO/Dr.GRPO/GSPO/...
 
-    Batching: prompts_per_step * group_size rollout rows per step, sampled sample_batch_size
+    Batching: prompts_per_step * sampling.n rollout rows per step, sampled sample_batch_size
     prompts at a time (0: all); minibatches optimizer updates per step, each accumulated over
     microbatches slices of its rows (the scoring passes use slices of the same size).
     """
-    s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, group_size=8,
-           temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
+    s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, sampling=sampling(),
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
            advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", reference="", entropy_coef=0.0,
            sample_batch_size=0, minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
@@ -57,21 +70,22 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
 
 
 def sft_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
-    """Forward-KL warmup on teacher samples by default; source="gold", loss="cross_entropy" for SFT."""
+    """Forward-KL warmup on teacher samples by default (`sampling.n` per prompt); source="gold",
+    loss="cross_entropy" for SFT."""
     s = cd(kind="sft", model=model, init="", steps=steps, source="teacher", teacher="teacher",
-           loss="forward_kl", kl_temperature=1.0, task_options=ml_collections.ConfigDict(), pool_file="", pool_prompts=0, samples_per_prompt=8,
-           sample_batch_size=64, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
-           batch_size=256, microbatches=1, optimizer=optimizer(lr))
+           loss="forward_kl", teacher_temperature=1.0, task_options=ml_collections.ConfigDict(), pool_file="",
+           pool_prompts=0, sampling=sampling(), sample_batch_size=64, batch_size=256, microbatches=1,
+           optimizer=optimizer(lr))
     s.update(kw)
     return s
 
 
 def opd_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
-    """On-policy distillation with sampled-token reverse KL advantages by default."""
-    s = cd(kind="opd", model=model, init="", steps=steps, teacher="teacher", extra_teachers=(),
-           teacher_weights=(), teacher_pool="geometric", base="", prompts_per_step=32, group_size=8, temperature=1.0, top_p=1.0,
-           top_k_sampling=0, max_new_tokens=16, loss="sampled_reverse_kl", coef=1.0, lam=1.25,
-           beta=0.5, top_k=0, teacher_temperature=1.0, advantage_norm="none", clip_low=0.2,
+    """On-policy distillation with sampled-token reverse KL advantages by default. Several
+    teachers: `teachers` (model references, replacing `teacher`) with pool `weights`."""
+    s = cd(kind="opd", model=model, init="", steps=steps, teacher="teacher", teachers=(), weights=(),
+           teacher_pool="geometric", teacher_temperature=1.0, base="", prompts_per_step=32, sampling=sampling(),
+           loss="sampled_reverse_kl", coef=1.0, lam=1.25, beta=0.5, divergence_top_k=0, advantage_norm="none", clip_low=0.2,
            clip_high=0.2, tis_cap=0.0, tip_rule="", tip_keep_fraction=0.5, tip_entropy_quantile=0.5,
            tip_divergence_quantile=0.5, sample_batch_size=0,
            minibatches=1, microbatches=1, epochs=1, optimizer=optimizer(lr))

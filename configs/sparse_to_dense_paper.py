@@ -36,8 +36,8 @@ ROWS = {
 SCALES = ("toy", "smoke")
 VARIANTS = SCALES + tuple(ROWS)
 # Stage keys a toy/smoke scale takes from toy.py; every other stage key keeps this structure.
-SCALE_KEYS = ("steps", "optimizer", "prompts_per_step", "group_size", "minibatches", "microbatches", "max_new_tokens",
-              "batch_size", "pool_prompts", "samples_per_prompt", "sample_batch_size")
+SCALE_KEYS = ("steps", "optimizer", "prompts_per_step", "sampling", "minibatches", "microbatches", "batch_size",
+              "pool_prompts", "sample_batch_size")
 
 
 def model(name: str, **arch) -> ml_collections.ConfigDict:
@@ -74,17 +74,18 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
     # 128 rows per optimizer update (RL), 64 (OPD, warmup): micro-batches of 8 rows, one
     # 8.7k-token row per device on an 8-way batch axis, keep activations to one sequence.
     # Rollouts are sampled 128 rows at a time (the KV cache of one chunk is alive at once).
-    rl = dict(prompts_per_step=64, group_size=8, sample_batch_size=16, minibatches=4, microbatches=16,
-              max_new_tokens=max_new_tokens)
+    rl = dict(prompts_per_step=64, sampling=common.sampling(8, max_new_tokens=max_new_tokens), sample_batch_size=16,
+              minibatches=4, microbatches=16)
     c.stages.teacher_rl = common.rl_stage("teacher", lr, 200, optimizer=opt(lr), **rl)
     c.stages.warmup = common.sft_stage("student", 1e-5, 128, teacher="teacher", pool_prompts=2048,
-                                       samples_per_prompt=4, sample_batch_size=32, batch_size=64, microbatches=8,
-                                       max_new_tokens=max_new_tokens, optimizer=opt(1e-5))
-    c.stages.opd = common.opd_stage("student", lr, 100, teacher="teacher", prompts_per_step=64, group_size=4,
-                                    sample_batch_size=32, minibatches=4, microbatches=8,
-                                    max_new_tokens=max_new_tokens, optimizer=opt(lr))
+                                       sampling=common.sampling(4, max_new_tokens=max_new_tokens), sample_batch_size=32,
+                                       batch_size=64, microbatches=8, optimizer=opt(1e-5))
+    c.stages.opd = common.opd_stage("student", lr, 100, teacher="teacher", prompts_per_step=64,
+                                    sampling=common.sampling(4, max_new_tokens=max_new_tokens), sample_batch_size=32,
+                                    minibatches=4, microbatches=8, optimizer=opt(lr))
     c.stages.student_rl = common.rl_stage("student", lr, 200 if row == "direct_grpo" else 100,
                                           optimizer=opt(lr), **rl)
+    c.pipeline.name = "sparse_to_dense"
     c.pipeline.stages = ROWS[row]
     c.pipeline.c1_stage = "teacher_rl" if "teacher_rl" in ROWS[row] else ""
     c.pipeline.c2_stage = "opd" if "opd" in ROWS[row] else ""

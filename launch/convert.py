@@ -15,7 +15,8 @@ from absl import app, flags, logging
 from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
-_STAGE = flags.DEFINE_string("stage", None, "Stage whose checkpoint to export.")
+_STAGE = flags.DEFINE_string("stage", None, "Stage (or unit of a block, <stage>@<iteration>) whose checkpoint "
+                             "to export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 
@@ -27,7 +28,7 @@ def main(argv):
     import ml_collections
     from flax import nnx
 
-    from bridge import checkpoint, models, runtime
+    from bridge import checkpoint, models, runtime, train_state
     from bridge.stages import common
 
     if not (_WORKDIR.value and _STAGE.value and _OUT.value):
@@ -38,18 +39,19 @@ def main(argv):
             raise FileNotFoundError(f"{_WORKDIR.value} has no config.json; is it a run directory?")
         with open(path) as f:
             cfg = ml_collections.ConfigDict(json.load(f))
-        if _STAGE.value not in cfg.stages:
-            raise ValueError(f"Unknown stage {_STAGE.value!r}; the run has {', '.join(cfg.stages)}.")
-        scfg = cfg.stages[_STAGE.value]
+        stage = _STAGE.value.split("@")[0]
+        if stage not in cfg.stages:
+            raise ValueError(f"Unknown stage {stage!r}; the run has {', '.join(cfg.stages)}.")
+        scfg = cfg.stages[stage]
         ctx = runtime.make_context(cfg, _WORKDIR.value)
-        template = ctx.model(scfg.get("init") or scfg.model)
-        trainer = common.make_trainer(ctx, template, scfg.optimizer, lambda m, b, f: (0.0, {}), 1)
+        graphdef, params = nnx.split(ctx.model(scfg.model))  # the trained slot's architecture
+        tx = common.optimizer(scfg, 1)
         ckpts = checkpoint.StageCheckpoints(_WORKDIR.value, _STAGE.value)
         step = _STEP.value if _STEP.value is not None else ckpts.latest_step()
         if step is None:
             raise FileNotFoundError(f"No checkpoints for stage {_STAGE.value!r} in {ckpts.directory}.")
-        state, _ = ckpts.restore(step, jax.eval_shape(lambda: trainer.state), {})
-        models.save_hf(nnx.merge(trainer.graphdef, state.params), _OUT.value, tokenizer=ctx.tokenizer)
+        state, _ = ckpts.restore(step, jax.eval_shape(lambda: train_state.init_state(params, tx)), {})
+        models.save_hf(nnx.merge(graphdef, state.params), _OUT.value, tokenizer=ctx.tokenizer)
     print(f"wrote {_OUT.value} ({_STAGE.value} step {step})")
 
 

@@ -64,14 +64,14 @@ def _sampling(name: str):
 
 
 def _tokenizer(model_dir: str):
-    from bridge import models
+    from bridge import models, runtime
 
     spec = FLAGS.tokenizer or (None if _has_tokenizer(model_dir) else _from_config("tokenizer"))
     if not spec:
         if not _has_tokenizer(model_dir):
             raise FileNotFoundError(f"No tokenizer in {model_dir}; pass --tokenizer or a --config with one.")
         return models.load_tokenizer(model_dir)
-    return models.char_tokenizer(spec[5:]) if spec.startswith("char:") else models.load_tokenizer(spec)
+    return runtime.tokenizer_from_spec(spec)
 
 
 def _has_tokenizer(path: str) -> bool:

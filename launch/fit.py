@@ -1,6 +1,7 @@
-"""Does a config fit its accelerators? Compiles every jitted program of every trained stage
-(update step, rollout prefill and decode, scoring passes) against abstract shapes on the
-config's mesh and prints per-device memory; nothing is allocated.
+"""Does a config fit its accelerators? Compiles every jitted program of every stage of the
+pipeline (update step, rollout prefill and decode, scoring passes: whatever the stage kind
+declares, `bridge.stages.StageKind`) against abstract shapes on the config's mesh and prints
+per-device memory; nothing is allocated.
 
     python -m launch.fit --config=configs/sparse_to_dense/llama31_8b_math.py --devices=64 --hbm_gib=80
 
@@ -33,7 +34,7 @@ def main(argv):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from bridge import abstract, sharding
+    from bridge import abstract, runtime, sharding
     from bridge.mesh import make_mesh
 
     c = _CONFIG.value
@@ -41,7 +42,7 @@ def main(argv):
         mesh = make_mesh(tuple(c.mesh.shape))
         rules = sharding.as_rules(c.mesh.rules)
         models = abstract.abstract_models(c)
-        trained = [n for n in c.pipeline.stages if c.stages[n].kind in ("rl", "sft", "opd")]
+        trained = list(dict.fromkeys(unit.stage for unit, _, _ in runtime.pipeline_units(c)))
         print(f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; "
               f"GiB per device")
         print("| stage | program | rows | tokens/row | arguments | temporaries | total | fits |")

@@ -48,7 +48,10 @@ def smoke_config(stages, **stage_overrides):
         c.pipeline.stages = tuple(stages)
         c.pipeline.c1_stage = c.pipeline.c2_stage = ""
         c.metrics.plots = False
-        for path, value in stage_overrides.items():
-            stage, key = path.split("__", 1)
-            c.stages[stage][key] = value
+        for path, value in stage_overrides.items():  # "opd__sampling__top_p": c.stages.opd.sampling.top_p
+            *keys, last = path.split("__")
+            node = c
+            for key in ["stages", *keys]:
+                node = node[key]
+            node[last] = value
     return c

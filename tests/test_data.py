@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bridge.data import make_prompt_iterator, make_sft_iterator
+from bridge.data import make_prompt_iterator
 from bridge.models.tokenizer import char_tokenizer
 from bridge.tasks import arithmetic, countdown, get_task
 
@@ -104,17 +104,3 @@ def test_long_prompts_dropped_and_too_few_examples_named(tokenizer):
     assert seen and all(len(x.prompt) <= 12 for x in seen)
     with pytest.raises(ValueError, match="fewer than one batch"):
         make_prompt_iterator(varied, tokenizer, "test", 8, seed=0)
-
-
-def test_sft_batches_hold_prompt_solution_eos_and_loss_mask(tokenizer):
-    task = get_task("arithmetic", digits=3, scratchpad=True, num_train=12, num_test=4)
-    it = make_sft_iterator(task, tokenizer, "train", 4, seed=0)
-    batch = next(it)
-    eos = tokenizer.eos_token_id
-    for row, loss, mask, example in zip(batch.tokens, batch.loss_mask, batch.mask, batch.examples):
-        n_prompt, n_target = len(example.prompt), len(example.solution) + 1
-        assert tokenizer.decode(row[:n_prompt].tolist()) == example.prompt
-        assert tokenizer.decode(row[loss][:-1].tolist()) == example.solution and row[loss][-1] == eos
-        assert loss.sum() == n_target and mask.sum() == n_prompt + n_target
-        assert not loss[:n_prompt].any()
-    assert batch.tokens.shape == (4, 8 + len(task.examples("train")[0].solution) + 1)

@@ -38,8 +38,8 @@ def test_smoke_bridge_runs_end_to_end(tmp_path):
     assert summary["c1_teacher_accuracy_after_rl"] == teacher_eval[0]["eval_accuracy"] == exported["accuracy"]
     # ... and C2 the teacher-KL record of OPD's first step, measured before its first update.
     first_opd = next(r for r in records if r["stage"] == "opd" and "loss" in r)
-    assert first_opd["step"] == 1 and summary["c2_teacher_student_kl_before_opd"] == first_opd["teacher_kl"]
-    assert np.isfinite(first_opd["teacher_kl"])
+    assert first_opd["step"] == 1 and summary["c2_teacher_student_kl_before_opd"] == first_opd["teacher_reverse_kl_sampled"]
+    assert np.isfinite(first_opd["teacher_reverse_kl_sampled"])
     for stage in summary["stages"]:
         assert (tmp_path / "plots" / f"{stage}.png").exists()
         assert (tmp_path / "models" / stage / "model.safetensors").exists()

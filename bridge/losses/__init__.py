@@ -1,8 +1,9 @@
 """Objectives as small pure functions: policy surrogates, KL estimators, implicit reward
 models, teacher-student divergences and the aggregation that reduces them.
 
-Configs pick objectives by name through `policy_loss(name, **kwargs)` and
-`divergence(name, **kwargs)`, which return the function with the keyword arguments bound.
+Configs pick policy surrogates by name through `policy_loss(name, **kwargs)`, which returns
+the function with the keyword arguments bound; divergences are picked by the stages' kernels
+(`bridge.scoring.completion_divergence`).
 """
 import functools
 
@@ -30,17 +31,6 @@ POLICY_LOSSES = {
     "cispo": cispo_loss,
 }
 
-DIVERGENCES = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": generalized_jsd,
-    "forward_ce": forward_cross_entropy,
-    "topk_forward_kl": topk_forward_kl,
-    "topk_reverse_kl": topk_reverse_kl,
-    "topk_jsd": topk_generalized_jsd,
-}
-
-
 def _lookup(registry, kind, name, kwargs):
     if name not in registry:
         raise ValueError(f"Unknown {kind} {name!r}; choose one of {sorted(registry)}.")
@@ -52,14 +42,8 @@ def policy_loss(name, **kwargs):
     return _lookup(POLICY_LOSSES, "policy loss", name, kwargs)
 
 
-def divergence(name, **kwargs):
-    """The per-position divergence named `name` (see DIVERGENCES) with kwargs bound."""
-    return _lookup(DIVERGENCES, "divergence", name, kwargs)
-
-
 __all__ = [
     "AGGREGATIONS",
-    "DIVERGENCES",
     "KL_ESTIMATORS",
     "LOSS_KL_ESTIMATORS",
     "POLICY_LOSSES",
@@ -67,7 +51,6 @@ __all__ = [
     "cispo_loss",
     "clipped_surrogate",
     "counted_rows",
-    "divergence",
     "entropy",
     "forward_cross_entropy",
     "forward_kl",

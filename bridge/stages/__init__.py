@@ -1,15 +1,82 @@
-"""Training stages, one module each, chosen by a stage config's `kind`.
+"""Training stages: each stage kind declares its programs once, as a `StageKind`.
 
-Each module exposes `build(ctx, name, cfg) -> runtime.StageProgram`; `bridge.runtime.run_stage`
-drives it (resume, checkpoints, metrics, export).
+The runtime (`bridge.runtime`), the ahead-of-time compile (`bridge.abstract`) and
+`launch.fit` read everything they need from the declaration, so a new kind is one module
+with a `KIND` plus one line in `KINDS`, or no package edit at all: a config may name any
+importable declaration as `kind="package.module:NAME"`.
+
+    KIND = StageKind(
+        loop=...,               # (ctx, unit, scfg, kind) -> runtime.StageProgram
+        make_loss=...,          # (scfg, frozen_graphdefs) -> loss_fn(model, batch, frozen)
+        batch_spec=...,         # (scfg, rows, prompt_len, completion) -> {key: (shape, dtype)}
+        microbatch_weight=...,  # scfg -> (batch -> weight of a micro-batch)
+        models=...,             # scfg -> {role: model reference}; "policy" is the trained one
+        frozen_roles=...,       # scfg -> roles whose states the update step takes as `frozen`
+                                #   (a tuple of states in this order; None when there are none)
+        update_rows=...,        # scfg -> rows in one optimizer update
+        sampling=...,           # scfg -> Sampling (who samples, how many) or None
+        scored_roles=...,       # scfg -> roles scored teacher-forced on each rollout batch
+    )
+
+A variant of an existing kind is `dataclasses.replace(rl.KIND, make_loss=...)`.
 """
 
-from bridge.stages import opd, rl, sft
+from __future__ import annotations
 
-BUILDERS = {"rl": rl.build, "sft": sft.build, "opd": opd.build}
+import dataclasses
+import importlib
+from collections.abc import Callable
 
 
-def builder(kind: str):
-    if kind not in BUILDERS:
-        raise ValueError(f"Unknown stage kind {kind!r}; choose one of {sorted(BUILDERS)}.")
-    return BUILDERS[kind]
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The rollouts of a stage: model role, prompts per sampling call, samples per prompt, and
+    the `sampling` sub-config (temperature, top_p, top_k, min_p, max_new_tokens, stop ids)."""
+
+    role: str
+    prompts: int
+    n: int
+    config: object
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """One stage kind's declaration (see the module docstring for each field's signature)."""
+
+    loop: Callable
+    make_loss: Callable
+    batch_spec: Callable
+    microbatch_weight: Callable
+    models: Callable
+    frozen_roles: Callable
+    update_rows: Callable
+    sampling: Callable
+    scored_roles: Callable
+
+    def build(self, ctx, unit, scfg):
+        """The stage's program (`runtime.StageProgram`) for one unit of the pipeline."""
+        return self.loop(ctx, unit, scfg, self)
+
+
+def _registry() -> dict:
+    from bridge.stages import opd, rl, sft
+
+    return {"rl": rl.KIND, "sft": sft.KIND, "opd": opd.KIND}
+
+
+def kind(name: str) -> StageKind:
+    """The declaration named `name`: a registered kind, or "package.module:NAME"."""
+    kinds = _registry()
+    if name in kinds:
+        return kinds[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"Stage kind {name!r} cannot be imported: {error}") from error
+        if not isinstance(found, StageKind):
+            raise ValueError(f"Stage kind {name!r} is a {type(found).__name__}, not a StageKind.")
+        return found
+    raise ValueError(f"Unknown stage kind {name!r}; choose one of {sorted(kinds)} or name one as "
+                     "'package.module:NAME'.")

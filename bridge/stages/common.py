@@ -1,5 +1,6 @@
-"""Pieces every stage uses: a trainer around one model, rollouts with verifier rewards, and
-minibatching of a rollout batch for several optimizer updates."""
+"""Pieces every stage uses: the update step built from a stage's declaration (for the run and
+for the ahead-of-time compile alike), rollouts with verifier rewards, the batch spec of a
+rollout stage, and minibatching of a rollout batch for several optimizer updates."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from bridge import losses, runtime, sampling, train_state
+from bridge.stages import Sampling
 
 
 @dataclasses.dataclass
@@ -24,20 +26,29 @@ class Trainer:
     update: Callable  # (state, batch, frozen) -> (state, metrics)
 
 
-def make_trainer(ctx: runtime.Context, model, opt_cfg, loss_fn: Callable, total_updates: int, *,
-                 microbatches: int = 1, microbatch_weight: Callable = train_state.rows) -> Trainer:
+def make_update(kind, scfg, graphdef, frozen_graphdefs, tx, state_sharding=None) -> Callable:
+    """The stage's jitted update step, from its declaration: loss, micro-batches and their
+    weight. The real run (`make_trainer`) and `bridge.abstract` both build it here."""
+    return train_state.make_update_step(graphdef, kind.make_loss(scfg, tuple(frozen_graphdefs)), tx,
+                                        state_sharding=state_sharding, microbatches=int(scfg.microbatches),
+                                        microbatch_weight=kind.microbatch_weight(scfg))
+
+
+def optimizer(scfg, total_updates: int):
+    opt_cfg = dict(scfg.optimizer.to_dict() if hasattr(scfg.optimizer, "to_dict") else scfg.optimizer)
+    opt_cfg.setdefault("total_steps", total_updates)
+    return train_state.make_optimizer(_Cfg(opt_cfg))
+
+
+def make_trainer(ctx: runtime.Context, kind, scfg, model, frozen_graphdefs, total_updates: int) -> Trainer:
     """The stage's state on the mesh and its jitted update step (see `train_state`)."""
     graphdef, params = nnx.split(model)
     params = jax.tree.map(jnp.copy, params)  # the stage owns (and donates) its own buffers
-    opt_cfg = dict(opt_cfg.to_dict() if hasattr(opt_cfg, "to_dict") else opt_cfg)
-    opt_cfg.setdefault("total_steps", total_updates)
-    tx = train_state.make_optimizer(_Cfg(opt_cfg))
+    tx = optimizer(scfg, total_updates)
     state = train_state.init_state(params, tx)
     shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
     state = jax.device_put(state, shardings)
-    update = train_state.make_update_step(graphdef, loss_fn, tx, state_sharding=shardings,
-                                          microbatches=int(microbatches), microbatch_weight=microbatch_weight)
-    return Trainer(graphdef, state, update)
+    return Trainer(graphdef, state, make_update(kind, scfg, graphdef, frozen_graphdefs, tx, shardings))
 
 
 class _Cfg(dict):
@@ -110,9 +121,36 @@ def current_model(trainer: Trainer, state: train_state.TrainState):
     return nnx.merge(trainer.graphdef, state.params)
 
 
-def sample_rollout(ctx: runtime.Context, model, examples: Sequence, *, n: int, temperature: float,
-                   top_p: float, top_k: int, max_new_tokens: int, seed: int, chunk_prompts: int = 0) -> dict:
-    """Samples n completions per prompt and scores them with the task's verifier.
+def scoring_temperature(temperature: float) -> float:
+    """The temperature a trainer scores sampled tokens at: the sampling one, 1 for greedy."""
+    return float(temperature) if temperature > 0 else 1.0
+
+
+def rollout_update_rows(scfg) -> int:
+    """Rows in one optimizer update of a stage that trains on its own rollouts."""
+    return int(scfg.prompts_per_step * scfg.sampling.n // scfg.minibatches)
+
+
+def rollout_sampling(scfg):
+    """A rollout stage samples with its policy, `sample_batch_size` prompts a call (0: all)."""
+    return Sampling("policy", int(scfg.get("sample_batch_size", 0) or scfg.prompts_per_step),
+                    int(scfg.sampling.n), scfg.sampling)
+
+
+def rollout_batch_spec(rows: int, prompt_len: int, completion: int, **extra) -> dict:
+    """name -> (shape, dtype): the token arrays of a rollout batch, plus `extra` entries given
+    as "row" (float32[rows]) or "token" (float32[rows, completion])."""
+    tokens = (rows, completion)
+    spec = {"prompt_tokens": ((rows, prompt_len), jnp.int32), "prompt_mask": ((rows, prompt_len), bool),
+            "tokens": (tokens, jnp.int32), "mask": (tokens, bool)}
+    for key, per in extra.items():
+        spec[key] = ((rows,) if per == "row" else tokens, jnp.float32)
+    return spec
+
+
+def sample_rollout(ctx: runtime.Context, model, examples: Sequence, sampling_cfg, *, seed: int,
+                   chunk_prompts: int = 0) -> dict:
+    """Samples `sampling_cfg.n` completions per prompt and scores them with the task's verifier.
 
     Returns host arrays: prompt_tokens/prompt_mask [R, P], tokens/mask [R, N], sample_logp [R, N],
     rewards/format_ok/truncated [R] (R = len(examples) * n, prompt-major), plus "texts" and
@@ -121,20 +159,20 @@ def sample_rollout(ctx: runtime.Context, model, examples: Sequence, *, n: int, t
     """
     chunk = int(chunk_prompts) or len(examples)
     t0 = time.perf_counter()
-    parts = [_sample_chunk(ctx, model, examples[j:j + chunk], n=n, temperature=temperature, top_p=top_p,
-                           top_k=top_k, max_new_tokens=max_new_tokens, seed=seed + j)
+    parts = [_sample_chunk(ctx, model, examples[j:j + chunk], sampling_cfg, seed=seed + j)
              for j in range(0, len(examples), chunk)]
     out = concat_rollouts(parts)
     out["sample_tokens_per_s"] = float(out["lengths"].sum()) / max(time.perf_counter() - t0, 1e-9)
     return out
 
 
-def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, *, n: int, temperature: float,
-                  top_p: float, top_k: int, max_new_tokens: int, seed: int) -> dict:
+def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: int) -> dict:
+    n = int(sc.n)
     out = sampling.generate(model, [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            top_k=top_k, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, n=n, seed=seed,
-                            mesh=ctx.mesh, rules=ctx.rules)
+                            max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
+                            top_p=float(sc.top_p), top_k=int(sc.top_k), min_p=float(sc.get("min_p", 0.0)),
+                            eos_ids=tuple(ctx.eos_ids) + tuple(int(t) for t in sc.get("stop_ids", ())),
+                            pad_id=ctx.pad_id, n=n, seed=seed, mesh=ctx.mesh, rules=ctx.rules)
     host = jax.device_get({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
                            "tokens": out.tokens, "mask": out.mask, "sample_logp": out.logprobs,
                            "finish_reason": out.finish_reason, "lengths": out.lengths})
@@ -185,12 +223,12 @@ def minibatches(batch: dict, num: int, rng: np.random.Generator | None) -> list[
 
 
 def run_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, num_minibatches: int,
-                seed: tuple[int, int], tokens: float):
-    """`epochs` passes of `num_minibatches` shuffled updates over one rollout batch.
+                rng: np.random.Generator, tokens: float):
+    """`epochs` passes of `num_minibatches` updates over one rollout batch, shuffled by `rng`.
 
     Returns (state, metrics): the mean of the update metrics plus train_tokens_per_s.
     """
-    rng = np.random.default_rng(list(seed)) if num_minibatches > 1 else None
+    rng = rng if num_minibatches > 1 else None
     t0 = time.perf_counter()
     updates = []
     for _ in range(epochs):

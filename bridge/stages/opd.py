@@ -8,11 +8,11 @@ Losses (config `loss`):
       extrapolation (G-OPD/ExOPD); `base` is a model reference (the teacher's pre-RL base for
       G-OPD's reward correction; "" = the stage's initial student);
   "reverse_kl" | "forward_kl" | "jsd" | "forward_ce": full-vocabulary divergences on the
-      student's rollouts through bridge.kernels.logprobs (top_k > 0: teacher top-k plus a tail
-      bucket); "forward_ce" is DistIL's forward cross-entropy.
+      student's rollouts through bridge.kernels.logprobs (divergence_top_k > 0: teacher top-k
+      plus a tail bucket); "forward_ce" is DistIL's forward cross-entropy.
 
-Several teachers (`teacher` plus `extra_teachers`, weights w_k > 0 summing to 1, uniform by
-default) are pooled as `teacher_pool` names:
+Several teachers (`teachers`, replacing the single `teacher`; `weights` w_k > 0 summing to 1,
+uniform by default) are pooled as `teacher_pool` names:
   "geometric"   log p_pool = sum_k w_k log p_Tk (unnormalized product of experts). The
                 sampled reward is then an unbiased estimate of sum_k w_k KL(S || T_k), which
                 is KL(S || normalized pool) plus a constant; the full-vocabulary
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bridge import advantages as adv_lib, losses, runtime, scoring
-from bridge.stages import common
+from bridge.stages import StageKind, common
 
 PG_LOSSES = ("sampled_reverse_kl", "exopd")
 FULL_LOSSES = ("reverse_kl", "forward_kl", "jsd", "forward_ce")
@@ -60,18 +60,25 @@ def pool_logprobs(teacher_logps, weights, pool: str):
     raise ValueError(f"Unknown teacher_pool {pool!r}; choose one of {TEACHER_POOLS}.")
 
 
-def teacher_weights(name: str, scfg, count: int) -> list[float]:
+def teacher_refs(scfg) -> list[str]:
+    """The teachers' model references: `teachers` when given, else the one `teacher`."""
+    return list(scfg.get("teachers", ())) or [scfg.teacher]
+
+
+def teacher_weights(name: str, scfg) -> list[float]:
     """The teachers' pool weights: given ones must be positive and sum to 1; default uniform."""
-    weights = [float(w) for w in scfg.get("teacher_weights", ())] or [1.0 / count] * count
+    count = len(teacher_refs(scfg))
+    weights = [float(w) for w in scfg.get("weights", ())] or [1.0 / count] * count
     if len(weights) != count:
-        raise ValueError(f"Stage {name!r}: {count} teachers but {len(weights)} teacher_weights.")
+        raise ValueError(f"Stage {name!r}: {count} teachers but {len(weights)} weights.")
     if min(weights) <= 0 or abs(sum(weights) - 1.0) > 1e-6:
-        raise ValueError(f"Stage {name!r}: teacher_weights {weights} must be positive and sum to 1.")
+        raise ValueError(f"Stage {name!r}: teacher weights {weights} must be positive and sum to 1.")
     return weights
 
 
-def make_loss_fn(scfg, teacher_graphdefs, weights):
-    temperature = scfg.temperature if scfg.temperature > 0 else 1.0
+def make_loss_fn(scfg, teacher_graphdefs):
+    temperature = common.scoring_temperature(scfg.sampling.temperature)
+    weights = teacher_weights("opd", scfg)
 
     def loss_fn(model, batch, frozen):
         mask = batch["mask"] * batch["token_weight"]
@@ -83,41 +90,66 @@ def make_loss_fn(scfg, teacher_graphdefs, weights):
         div = 0.0
         for graphdef, state, w in zip(teacher_graphdefs, frozen, weights):
             div = div + w * scoring.completion_divergence(
-                model, nnx.merge(graphdef, state), batch, scfg.loss, beta=scfg.beta, top_k=scfg.top_k,
+                model, nnx.merge(graphdef, state), batch, scfg.loss, beta=scfg.beta, top_k=scfg.divergence_top_k,
                 temperature=scfg.teacher_temperature)
         loss = losses.masked_mean(div, mask)
-        return loss, {"divergence": loss}
+        return loss, {scfg.loss: loss}
 
     return loss_fn
 
 
-def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+def models(scfg) -> dict:
+    """The policy (trained), the teachers (teacher_0, teacher_1, ...) and ExOPD's base."""
+    out = {"policy": scfg.get("init") or scfg.model}
+    out.update({f"teacher_{k}": ref for k, ref in enumerate(teacher_refs(scfg))})
+    if scfg.loss == "exopd":
+        out["base"] = scfg.get("base") or out["policy"]
+    return out
+
+
+def frozen_roles(scfg) -> tuple:
+    """The full-vocabulary losses read the teachers' states inside the update step."""
+    return tuple(r for r in models(scfg) if r.startswith("teacher_")) if scfg.loss in FULL_LOSSES else ()
+
+
+def batch_spec(scfg, rows: int, prompt_len: int, completion: int) -> dict:
+    return common.rollout_batch_spec(rows, prompt_len, completion, old_logp="token", advantages="token",
+                                     token_weight="token", tis_weight="token")
+
+
+def check(name: str, scfg) -> None:
     if scfg.loss not in PG_LOSSES + FULL_LOSSES:
         raise ValueError(f"Stage {name!r}: unknown opd loss {scfg.loss!r}; choose one of {PG_LOSSES + FULL_LOSSES}.")
     if scfg.advantage_norm not in ("none", "whiten"):
         raise ValueError(f"Stage {name!r}: advantage_norm must be 'none' or 'whiten', not {scfg.advantage_norm!r}.")
-    refs = [scfg.teacher] + list(scfg.get("extra_teachers", ()))
-    weights = teacher_weights(name, scfg, len(refs))
+    teacher_weights(name, scfg)
     if scfg.teacher_pool not in TEACHER_POOLS:
         raise ValueError(f"Stage {name!r}: unknown teacher_pool {scfg.teacher_pool!r}; choose one of {TEACHER_POOLS}.")
-    if len(refs) > 1 and scfg.loss in FULL_LOSSES and POOL_OF_FULL_LOSS.get(scfg.loss) != scfg.teacher_pool:
+    several = len(teacher_refs(scfg)) > 1
+    if several and scfg.loss in FULL_LOSSES and POOL_OF_FULL_LOSS.get(scfg.loss) != scfg.teacher_pool:
         raise ValueError(f"Stage {name!r}: loss {scfg.loss!r} over several teachers does not target the "
                          f"{scfg.teacher_pool} pool; pairs that do: {POOL_OF_FULL_LOSS}.")
-    model = ctx.model(scfg.get("init") or scfg.model)
-    teachers = [ctx.model(r) for r in refs]
+
+
+def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
+    check(unit.id, scfg)
+    refs = models(scfg)
+    weights = teacher_weights(unit.id, scfg)
+    model = ctx.model(refs["policy"])
+    teachers = [ctx.model(refs[r]) for r in refs if r.startswith("teacher_")]
     for t in teachers:
-        common.check_vocab(t, model, name)
+        common.check_vocab(t, model, unit.id)
     split = [nnx.split(t) for t in teachers]
     graphdefs, teacher_states = [g for g, _ in split], [s for _, s in split]
     if scfg.loss == "exopd":  # copied before the trainer takes (and donates) the student's buffers
-        base_model = ctx.model(scfg.base) if scfg.get("base") else model
-        common.check_vocab(base_model, model, name)
+        base_model = ctx.model(refs["base"])
+        common.check_vocab(base_model, model, unit.id)
         base_graphdef, base_state = nnx.split(base_model)
         base_state = jax.tree.map(jnp.copy, base_state)
-    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, graphdefs, weights),
-                                  scfg.steps * scfg.epochs * scfg.minibatches, microbatches=scfg.microbatches,
-                                  microbatch_weight=MICROBATCH_WEIGHT)
-    temperature = scfg.temperature if scfg.temperature > 0 else 1.0
+    frozen = teacher_states if frozen_roles(scfg) else None
+    trainer = common.make_trainer(ctx, kind, scfg, model, graphdefs if frozen else (),
+                                  scfg.steps * scfg.epochs * scfg.minibatches)
+    temperature = common.scoring_temperature(scfg.sampling.temperature)
     slices = common.scoring_slices(scfg)
     score_student = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
         nnx.merge(trainer.graphdef, s), b, temperature, return_entropy=True), slices))
@@ -126,14 +158,11 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
     if scfg.loss == "exopd":
         score_base = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
             nnx.merge(base_graphdef, s), b, temperature), slices))
-    data = ctx.prompts(name, scfg.prompts_per_step)
+    data = ctx.prompts(unit, scfg.prompts_per_step)
 
     def step(state, i):
-        rng = ctx.stage_rng(name, i)
-        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         roll = common.sample_rollout(ctx, common.current_model(trainer, state), next(data).examples,
-                                     n=scfg.group_size, temperature=scfg.temperature, top_p=scfg.top_p,
-                                     top_k=scfg.top_k_sampling, max_new_tokens=scfg.max_new_tokens, seed=seed,
+                                     scfg.sampling, seed=ctx.seed(unit, i, "sample"),
                                      chunk_prompts=scfg.sample_batch_size)
         batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
         sample_logp = runtime.place_batch(ctx, {"sample_logp": roll["sample_logp"]})["sample_logp"]
@@ -143,7 +172,7 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
                                      scfg.teacher_pool)
         gap = old_logp - teacher_logp  # sampled-token reverse KL estimate per token
         metrics = common.response_metrics(roll)
-        metrics["teacher_kl"] = float(losses.masked_mean(gap, mask))
+        metrics["teacher_reverse_kl_sampled"] = float(losses.masked_mean(gap, mask))
         metrics["entropy"] = float(losses.masked_mean(entropy, mask))
         if scfg.loss == "exopd":
             base_logp = score_base(base_state, batch)
@@ -162,9 +191,22 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         metrics.update(common.mismatch_metrics(old_logp, sample_logp, tis, mask))
         batch.update(old_logp=old_logp, advantages=adv, token_weight=token_weight, tis_weight=tis)
         state, update_metrics = common.run_updates(
-            trainer, state, batch, teacher_states, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
-            seed=(int(ctx.cfg.seed), i), tokens=float(roll["lengths"].sum()))
+            trainer, state, batch, frozen, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
+            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll["lengths"].sum()))
         metrics.update(update_metrics)
         return state, metrics
 
-    return runtime.StageProgram(trainer.graphdef, trainer.state, step, data, slot=scfg.model)
+    return runtime.StageProgram(trainer.graphdef, trainer.state, step, data)
+
+
+KIND = StageKind(
+    loop=loop,
+    make_loss=make_loss_fn,
+    batch_spec=batch_spec,
+    microbatch_weight=lambda scfg: MICROBATCH_WEIGHT,
+    models=models,
+    frozen_roles=frozen_roles,
+    update_rows=common.rollout_update_rows,
+    sampling=common.rollout_sampling,
+    scored_roles=lambda scfg: tuple(models(scfg)),
+)

@@ -1,6 +1,6 @@
 """RL with verifiable rewards: GRPO and its family, chosen by config.
 
-One step: sample `group_size` completions for each of `prompts_per_step` prompts, reward
+One step: sample `sampling.n` completions for each of `prompts_per_step` prompts, reward
 them with the task verifier, turn rewards into advantages, then `epochs` x `minibatches`
 optimizer updates of the policy surrogate against the stored old logprobs.
 
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from bridge import advantages as adv_lib, losses, runtime, scoring
-from bridge.stages import common
+from bridge.stages import StageKind, common
 from bridge.tasks import soft_overlong_penalty
 
 
@@ -50,7 +50,7 @@ def make_loss_fn(scfg):
     """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus."""
     policy = losses.policy_loss(scfg.loss, **scfg.loss_kwargs.to_dict())
     mode, max_len = scfg.aggregation, scfg.get("max_len") or None
-    temperature = scfg.temperature if scfg.temperature > 0 else 1.0
+    temperature = common.scoring_temperature(scfg.sampling.temperature)
 
     def loss_fn(model, batch, frozen):
         # The entropy (and its gradient) is computed here only when it is a loss term; the
@@ -79,7 +79,7 @@ def shaped_rewards(rollout: dict, scfg) -> np.ndarray:
     rewards = rollout["rewards"].copy()
     if scfg.overlong_buffer > 0:
         rewards += scfg.overlong_penalty * np.array(
-            [soft_overlong_penalty(int(n), scfg.max_new_tokens, scfg.overlong_buffer)
+            [soft_overlong_penalty(int(n), scfg.sampling.max_new_tokens, scfg.overlong_buffer)
              for n in rollout["lengths"]], np.float32)
     return rewards
 
@@ -90,21 +90,20 @@ def informative_groups(correct: np.ndarray, group_size: int) -> np.ndarray:
     return (hits > 0) & (hits < group_size)
 
 
-def collect(ctx, model, data, scfg, rng: jax.Array) -> tuple[dict, np.ndarray]:
+def collect(ctx, model, data, scfg, seeds) -> tuple[dict, np.ndarray]:
     """Rollouts for one step and a row weight [R] (0 on groups DAPO's filter drops).
 
     Without dynamic sampling: one batch of prompts. With it: keeps drawing prompt batches
     (up to max_refills more) until prompts_per_step informative groups are found; if they
     are not, uninformative groups fill the batch with weight 0, so shapes stay fixed.
+    `seeds(attempt)` is the sampling seed of each draw.
     """
-    n = scfg.group_size
+    n = scfg.sampling.n
     kept, spare = [], []
     for attempt in range(1 + (scfg.max_refills if scfg.dynamic_sampling else 0)):
         examples = next(data).examples
-        seed = int(jax.random.randint(jax.random.fold_in(rng, attempt), (), 0, 2**31 - 1))
-        roll = common.sample_rollout(ctx, model, examples, n=n, temperature=scfg.temperature,
-                                     top_p=scfg.top_p, top_k=scfg.top_k, max_new_tokens=scfg.max_new_tokens,
-                                     seed=seed, chunk_prompts=scfg.sample_batch_size)
+        roll = common.sample_rollout(ctx, model, examples, scfg.sampling, seed=seeds(attempt),
+                                     chunk_prompts=scfg.sample_batch_size)
         roll["rewards_shaped"] = shaped_rewards(roll, scfg)
         if not scfg.dynamic_sampling:
             return roll, np.ones(len(roll["rewards"]), np.float32)
@@ -133,30 +132,44 @@ def check_kl(name: str, scfg) -> None:
                          f"(gradient of KL(ref || pi), as GRPO) with kl_mode='loss'.")
 
 
-def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
-    check_kl(name, scfg)
+def models(scfg) -> dict:
+    """The policy (trained) and, with a KL term, the reference ("" = the initial policy)."""
+    out = {"policy": scfg.get("init") or scfg.model}
+    if scfg.kl_coef > 0:
+        out["reference"] = scfg.get("reference") or out["policy"]
+    return out
+
+
+def batch_spec(scfg, rows: int, prompt_len: int, completion: int) -> dict:
+    extra = dict(old_logp="token", advantages="row", row_weight="row", tis_weight="token")
+    if scfg.kl_coef > 0 and scfg.kl_mode == "loss":
+        extra["ref_logp"] = "token"
+    return common.rollout_batch_spec(rows, prompt_len, completion, **extra)
+
+
+def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
+    check_kl(unit.id, scfg)
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
+    temperature = common.scoring_temperature(scfg.sampling.temperature)
+    slices = common.scoring_slices(scfg)
     reference = None
     if scfg.kl_coef > 0:  # copied before the trainer takes (and donates) the policy's buffers
-        reference_model = ctx.model(scfg.reference) if scfg.get("reference") else model
-        common.check_vocab(reference_model, model, name)
-        reference = jax.tree.map(jnp.copy, common.frozen_state(reference_model))
-        reference_graphdef = nnx.split(reference_model)[0]
-    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg), updates,
-                                  microbatches=scfg.microbatches, microbatch_weight=microbatch_weight(scfg))
-    temperature = scfg.temperature if scfg.temperature > 0 else 1.0
-    score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
-        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True), common.scoring_slices(scfg)))
-    if reference is not None:
+        reference_model = ctx.model(models(scfg)["reference"])
+        common.check_vocab(reference_model, model, unit.id)
+        reference_graphdef, reference = nnx.split(reference_model)
+        reference = jax.tree.map(jnp.copy, reference)
         score_reference = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
-            nnx.merge(reference_graphdef, state), batch, temperature), common.scoring_slices(scfg)))
-    data = ctx.prompts(name, scfg.prompts_per_step)
+            nnx.merge(reference_graphdef, state), batch, temperature), slices))
+    trainer = common.make_trainer(ctx, kind, scfg, model, (), updates)
+    score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
+        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True), slices))
+    data = ctx.prompts(unit, scfg.prompts_per_step)
     estimator = adv_lib.advantage_estimator(scfg.advantage)
 
     def step(state, i):
-        rng = ctx.stage_rng(name, i)
-        roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg, rng)
+        roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg,
+                                   lambda attempt: ctx.seed(unit, i, f"sample/{attempt}"))
         batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
         # Old logprobs from the trainer's own forward pass, so rho = 1 exactly at the first update.
         old_logp, entropy = score(state.params, batch)
@@ -165,23 +178,37 @@ def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
         metrics["entropy"] = float(losses.masked_mean(entropy, batch["mask"]))
         if reference is not None:
             ref_logp = score_reference(reference, batch)
-            batch["ref_logp"] = ref_logp
+            if scfg.kl_mode == "loss":
+                batch["ref_logp"] = ref_logp
             seq_kl = np.asarray(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))
             metrics["kl_ref_seq"] = float(seq_kl.mean())
             if scfg.kl_mode == "reward":
                 rewards = rewards - scfg.kl_coef * seq_kl
-        adv = np.asarray(estimator(jnp.asarray(rewards), scfg.group_size)) * row_weight
+        adv = np.asarray(estimator(jnp.asarray(rewards), scfg.sampling.n)) * row_weight
         batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
         sample_logp = runtime.place_batch(ctx, {"sample_logp": roll["sample_logp"]})["sample_logp"]
         tis = common.tis_weight(old_logp, sample_logp, scfg.tis_cap)
         batch.update(old_logp=old_logp, tis_weight=tis)
         state, update_metrics = common.run_updates(
             trainer, state, batch, None, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
-            seed=(int(ctx.cfg.seed), i), tokens=float(roll["lengths"].sum()))
+            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll["lengths"].sum()))
         metrics.update(update_metrics)
         metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
                        kept_group_frac=float(row_weight.mean()),
                        **common.mismatch_metrics(old_logp, sample_logp, tis, batch["mask"]))
         return state, metrics
 
-    return runtime.StageProgram(trainer.graphdef, trainer.state, step, data, slot=scfg.model)
+    return runtime.StageProgram(trainer.graphdef, trainer.state, step, data)
+
+
+KIND = StageKind(
+    loop=loop,
+    make_loss=lambda scfg, frozen_graphdefs: make_loss_fn(scfg),
+    batch_spec=batch_spec,
+    microbatch_weight=microbatch_weight,
+    models=models,
+    frozen_roles=lambda scfg: (),
+    update_rows=common.rollout_update_rows,
+    sampling=common.rollout_sampling,
+    scored_roles=lambda scfg: tuple(models(scfg)),
+)

@@ -1,7 +1,7 @@
 """Supervised stages on a fixed pool of completions: forward-KL warmup and plain SFT.
 
 Pool (built once, saved in the workdir so a resumed run reuses it):
-  source="teacher": `samples_per_prompt` teacher samples for each of `pool_prompts` prompts;
+  source="teacher": `sampling.n` teacher samples for each of `pool_prompts` prompts;
   source="gold":    the task's reference completions (used to pretrain toy models);
   pool_file=path:   a JSONL file of {"prompt", "completion"} texts, read instead of sampling.
 `task_options` override the run task's options for the pool (e.g. a larger train split).
@@ -9,7 +9,8 @@ Loss:
   loss="forward_kl":    mean_t KL(p_T(.|x,y<t) || p_S(.|x,y<t)) over the full vocabulary
                         (the bridge's warmup; streamed through bridge.kernels.logprobs);
   loss="cross_entropy": -mean_t log p_S(y_t | x, y<t) on the pool's tokens (SeqKD / SFT).
-Rows are drawn by a seeded permutation per epoch, so the batch at step i is a function of i.
+Rows are drawn by a seeded permutation per epoch (`ctx.np_rng`), so the batch at step i is a
+function of (seed, stage, iteration, i).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bridge import losses, runtime, scoring
-from bridge.stages import common
+from bridge.stages import Sampling, StageKind, common
 
 
 def pad_pool(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
@@ -57,16 +58,15 @@ def file_pool(ctx: runtime.Context, path: str) -> dict:
     return pad_pool([enc(r["prompt"]) for r in records], [enc(r["completion"]) + eos for r in records], ctx.pad_id)
 
 
-def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, name: str) -> dict:
-    """`samples_per_prompt` teacher samples per prompt, drawn in chunks."""
-    roll = common.sample_rollout(ctx, teacher, examples, n=scfg.samples_per_prompt, temperature=scfg.temperature,
-                                 top_p=scfg.top_p, top_k=scfg.top_k, max_new_tokens=scfg.max_new_tokens,
-                                 seed=int(ctx.cfg.seed) * 7919, chunk_prompts=scfg.sample_batch_size)
+def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, unit) -> dict:
+    """`sampling.n` teacher samples per prompt, drawn in chunks."""
+    roll = common.sample_rollout(ctx, teacher, examples, scfg.sampling, seed=ctx.seed(unit, 0, "pool"),
+                                 chunk_prompts=scfg.sample_batch_size)
     return {k: roll[k] for k in common.ARRAY_KEYS + ("rewards",)}
 
 
-def load_or_build_pool(ctx, name, scfg, teacher) -> dict:
-    path = os.path.join(ctx.workdir, "stages", name, "pool.npz")
+def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
+    path = os.path.join(ctx.workdir, "stages", unit.id, "pool.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             return dict(f)
@@ -79,7 +79,7 @@ def load_or_build_pool(ctx, name, scfg, teacher) -> dict:
     elif scfg.source == "gold":
         pool = gold_pool(ctx, examples, task)
     else:
-        pool = teacher_pool(ctx, teacher, examples, scfg, name)
+        pool = teacher_pool(ctx, teacher, examples, scfg, unit)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".tmp.npz", **pool)
     os.replace(path + ".tmp.npz", path)
@@ -96,10 +96,10 @@ def make_loss_fn(scfg, teacher_graphdef):
             logp = scoring.completion_logprobs(model, batch)
             loss = -losses.masked_mean(logp, mask)
             return loss, {"nll": loss}
-        teacher = nnx.merge(teacher_graphdef, frozen)
-        div = scoring.completion_divergence(model, teacher, batch, scfg.loss, temperature=scfg.kl_temperature)
+        teacher = nnx.merge(teacher_graphdef, frozen[0])
+        div = scoring.completion_divergence(model, teacher, batch, scfg.loss, temperature=scfg.teacher_temperature)
         loss = losses.masked_mean(div, mask)
-        return loss, {"teacher_kl": loss}
+        return loss, {scfg.loss: loss}
 
     return loss_fn
 
@@ -107,35 +107,68 @@ def make_loss_fn(scfg, teacher_graphdef):
 SFT_LOSSES = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "forward_ce")
 
 
-def build(ctx: runtime.Context, name: str, scfg) -> runtime.StageProgram:
+def models(scfg) -> dict:
+    """The policy (trained) and the teacher, when it samples the pool or is distilled from."""
+    out = {"policy": scfg.get("init") or scfg.model}
+    if scfg.source == "teacher" or scfg.loss != "cross_entropy":
+        out["teacher"] = scfg.teacher
+    return out
+
+
+def check(name: str, scfg) -> None:
     if scfg.loss not in SFT_LOSSES:
         raise ValueError(f"Stage {name!r}: unknown sft loss {scfg.loss!r}; choose one of {SFT_LOSSES}.")
     if scfg.source not in ("gold", "teacher"):
         raise ValueError(f"Stage {name!r}: source must be 'gold' or 'teacher', not {scfg.source!r}.")
-    needs_teacher = scfg.source == "teacher" or scfg.loss != "cross_entropy"
-    teacher = ctx.model(scfg.teacher) if needs_teacher else None
+
+
+def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
+    check(unit.id, scfg)
+    refs = models(scfg)
+    model = ctx.model(refs["policy"])
+    teacher = ctx.model(refs["teacher"]) if "teacher" in refs else None
     if teacher is not None:
-        common.check_vocab(teacher, ctx.model(scfg.get("init") or scfg.model), name)
-    model = ctx.model(scfg.get("init") or scfg.model)
-    pool = load_or_build_pool(ctx, name, scfg, teacher)
-    teacher_graphdef, teacher_state = (nnx.split(teacher) if teacher is not None else (None, None))
-    trainer = common.make_trainer(ctx, model, scfg.optimizer, make_loss_fn(scfg, teacher_graphdef), scfg.steps,
-                                  microbatches=scfg.microbatches, microbatch_weight=MICROBATCH_WEIGHT)
+        common.check_vocab(teacher, model, unit.id)
+    pool = load_or_build_pool(ctx, unit, scfg, teacher)
+    frozen_graphdefs, frozen = (), None
+    if kind.frozen_roles(scfg):
+        teacher_graphdef, teacher_state = nnx.split(teacher)
+        frozen_graphdefs, frozen = (teacher_graphdef,), (teacher_state,)
+    trainer = common.make_trainer(ctx, kind, scfg, model, frozen_graphdefs, scfg.steps)
     rows = len(pool["tokens"])
     bs = int(scfg.batch_size)
     if bs > rows:
-        raise ValueError(f"Stage {name!r}: batch_size {bs} exceeds the pool's {rows} rows.")
+        raise ValueError(f"Stage {unit.id!r}: batch_size {bs} exceeds the pool's {rows} rows.")
 
     def step(state, i):
         epoch, pos = divmod(i * bs, rows)
-        order = np.concatenate([np.random.default_rng([int(ctx.cfg.seed), epoch + e]).permutation(rows)
-                                for e in range(2)])
+        order = np.concatenate([ctx.np_rng(unit, epoch + e, "order").permutation(rows) for e in range(2)])
         idx = order[pos:pos + bs]
         batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.ARRAY_KEYS})
-        state, metrics = trainer.update(state, batch, teacher_state)
+        state, metrics = trainer.update(state, batch, frozen)
         metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))
         if "rewards" in pool:
             metrics["pool_reward"] = float(pool["rewards"][idx].mean())
         return state, metrics
 
-    return runtime.StageProgram(trainer.graphdef, trainer.state, step, None, slot=scfg.model)
+    return runtime.StageProgram(trainer.graphdef, trainer.state, step, None)
+
+
+def _sampling(scfg):
+    """The teacher samples the pool, `sample_batch_size` prompts a call."""
+    if scfg.source != "teacher":
+        return None
+    return Sampling("teacher", int(scfg.sample_batch_size), int(scfg.sampling.n), scfg.sampling)
+
+
+KIND = StageKind(
+    loop=loop,
+    make_loss=lambda scfg, frozen_graphdefs: make_loss_fn(scfg, frozen_graphdefs[0] if frozen_graphdefs else None),
+    batch_spec=lambda scfg, rows, prompt_len, completion: common.rollout_batch_spec(rows, prompt_len, completion),
+    microbatch_weight=lambda scfg: MICROBATCH_WEIGHT,
+    models=models,
+    frozen_roles=lambda scfg: ("teacher",) if scfg.loss != "cross_entropy" else (),
+    update_rows=lambda scfg: int(scfg.batch_size),
+    sampling=_sampling,
+    scored_roles=lambda scfg: (),
+)

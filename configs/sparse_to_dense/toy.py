@@ -34,7 +34,7 @@ OPD_LOSSES = {
     "exopd": dict(loss="exopd", lam=1.25),
     "opd_rkl": dict(loss="reverse_kl"),
     "opd_jsd": dict(loss="jsd", beta=0.5),
-    "opd_topk": dict(loss="reverse_kl", top_k=4),
+    "opd_topk": dict(loss="reverse_kl", divergence_top_k=4),
     "distil": dict(loss="forward_ce"),
     "opd_tip": dict(tip_rule="union"),
 }
@@ -62,7 +62,7 @@ def get_config(arg=None):
                                                       num_heads=4, num_kv_heads=4, head_dim=32))
     c.models.student = common.cd(hf_dir="", arch=arch(hidden_size=64, intermediate_size=256, num_layers=2,
                                                       num_heads=4, num_kv_heads=4, head_dim=16))
-    gen = dict(max_new_tokens=8)
+    gen = lambda n=8: dict(sampling=common.sampling(n, max_new_tokens=8))  # noqa: E731
     # Pretraining on answers uses fresh problems (one epoch of steps x batch); the first 512
     # are the RL prompts, the test split stays disjoint.
     pretrain = lambda steps: common.cd(num_train=steps * 128)  # noqa: E731
@@ -73,17 +73,17 @@ def get_config(arg=None):
     # the student partly skilled; the 4-layer teacher reaches 88% at 1200 steps.
     c.stages.student_sft = common.sft_stage("student", 1e-3, 280, source="gold", loss="cross_entropy",
                                             batch_size=128, task_options=pretrain(280))
-    c.stages.teacher_rl = common.rl_stage("teacher", 1e-4, 300, **gen)
-    c.stages.warmup = common.sft_stage("student", 1e-3, 100, teacher="teacher", samples_per_prompt=8,
-                                       batch_size=256, **gen)
-    c.stages.opd = common.opd_stage("student", 1e-4, 200, teacher="teacher", advantage_norm="whiten", **gen)
-    c.stages.student_rl = common.rl_stage("student", 3e-4, 300 if row == "direct_grpo" else 100, **gen)
+    c.stages.teacher_rl = common.rl_stage("teacher", 1e-4, 300, **gen())
+    c.stages.warmup = common.sft_stage("student", 1e-3, 100, teacher="teacher", batch_size=256, **gen())
+    c.stages.opd = common.opd_stage("student", 1e-4, 200, teacher="teacher", advantage_norm="whiten", **gen())
+    c.stages.student_rl = common.rl_stage("student", 3e-4, 300 if row == "direct_grpo" else 100, **gen())
     for algo in (p for p in parts if p in RL_ALGOS):
         for stage in (c.stages.teacher_rl, c.stages.student_rl):
             for key, value in RL_ALGOS[algo].items():
                 stage[key] = value  # assignment, not update: loss_kwargs are replaced whole
     for variant in (p for p in parts if p in OPD_LOSSES):
         c.stages.opd.update(OPD_LOSSES[variant])
+    c.pipeline.name = "sparse_to_dense"
     c.pipeline.stages = ROWS[row]
     c.pipeline.c1_stage = "teacher_rl" if "teacher_rl" in ROWS[row] else ""
     c.pipeline.c2_stage = "opd" if "opd" in ROWS[row] else ""
@@ -97,10 +97,12 @@ def get_config(arg=None):
         for s in c.stages.values():
             s.steps = 3
             if s.kind == "sft":
-                s.update(batch_size=8, pool_prompts=16, samples_per_prompt=2)
+                s.update(batch_size=8, pool_prompts=16)
+                s.sampling.n = 2
                 s.task_options = common.cd()
             else:
-                s.update(prompts_per_step=4, group_size=4)
+                s.prompts_per_step = 4
+                s.sampling.n = 4
         c.eval.update(num_prompts=16, batch_size=16)
         c.checkpoint.every = 2
         c.metrics.update(progress=False, tensorboard=False)

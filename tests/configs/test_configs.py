@@ -54,7 +54,7 @@ def test_config_modules_found():
 
 
 def check_stage(c, name: str, s) -> None:
-    stages.builder(s.kind)
+    stages.kind(s.kind)
     assert s.model in c.models, f"{name}: model slot {s.model!r}"
     assert s.steps > 0 and s.optimizer.lr > 0
     train_state.make_optimizer(s.optimizer)
@@ -65,17 +65,17 @@ def check_stage(c, name: str, s) -> None:
         assert s.aggregation in losses.AGGREGATIONS
         assert s.kl_kind in losses.KL_ESTIMATORS and s.kl_mode in ("loss", "reward")
         advantages.advantage_estimator(s.advantage)
-        assert (s.prompts_per_step * s.group_size) % s.minibatches == 0
+        assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
     elif s.kind == "sft":
         assert s.loss in sft.SFT_LOSSES and s.source in ("gold", "teacher")
         if s.source == "teacher" or s.loss != "cross_entropy":
             assert s.teacher in c.models
     else:
         assert s.loss in opd.PG_LOSSES + opd.FULL_LOSSES and s.advantage_norm in ("none", "whiten")
-        teachers = [s.teacher, *s.extra_teachers]
+        teachers = opd.teacher_refs(s)
         assert set(teachers) <= set(c.models)
-        assert len(s.teacher_weights) in (0, len(teachers))
-        assert (s.prompts_per_step * s.group_size) % s.minibatches == 0
+        opd.teacher_weights(name, s)
+        assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
 
 
 @pytest.mark.parametrize("module,arg", CASES)

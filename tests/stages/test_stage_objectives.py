@@ -106,11 +106,11 @@ def test_dapo_filter_reads_accuracy_not_shaped_reward(monkeypatch):
         def __next__(self):
             return type("Batch", (), {"examples": [None, None]})()
 
-    scfg = common.rl_stage("student", 1e-3, 1, prompts_per_step=2, group_size=4, max_new_tokens=16,
+    scfg = common.rl_stage("student", 1e-3, 1, prompts_per_step=2, sampling=common.sampling(4, max_new_tokens=16),
                            dynamic_sampling=True, max_refills=0, overlong_buffer=8, overlong_penalty=1.0)
     shaped = rl.shaped_rewards(both, scfg)
     assert len(set(shaped[:4].tolist())) == 4  # the penalty does tell the wrong answers apart
-    roll, weight = rl.collect(None, None, Prompts(), scfg, jax.random.key(0))
+    roll, weight = rl.collect(None, None, Prompts(), scfg, lambda attempt: attempt)
     np.testing.assert_array_equal(weight, [1, 1, 1, 1, 0, 0, 0, 0])  # kept groups come first
     np.testing.assert_array_equal(roll["rewards"], [1, 0, 1, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(rl.informative_groups(np.array([1, 1, 1, 1, 1, 0, 0, 0]) > 0, 4), [False, True])
@@ -129,7 +129,8 @@ def test_rl_stage_with_dapo_overlong_kl_reward_and_tis(tmp_path):
     cfg = smoke_config(["student_rl"], student_rl__steps=2, student_rl__dynamic_sampling=True,
                        student_rl__max_refills=1, student_rl__overlong_buffer=2, student_rl__kl_coef=0.05,
                        student_rl__kl_kind="k1", student_rl__kl_mode="reward", student_rl__tis_cap=2.0,
-                       student_rl__top_p=0.8, student_rl__top_k=5, student_rl__temperature=0.7)
+                       student_rl__sampling__top_p=0.8, student_rl__sampling__top_k=5,
+                       student_rl__sampling__temperature=0.7)
     pipelines.run(cfg, str(tmp_path))
     records = _records(tmp_path, "student_rl")
     assert len(records) == 2
@@ -169,8 +170,9 @@ def test_opd_policy_gradient_loss_equals_the_definition():
     mask x token_weight, computed here in NumPy from materialized logits."""
     model = tiny_model()
     batch = _token_batch()
-    scfg = common.opd_stage("student", 1e-3, 1, clip_low=0.2, clip_high=0.28, temperature=0.8)
-    loss, _ = opd.make_loss_fn(scfg, [], [])(model, _jnp(batch), [])
+    scfg = common.opd_stage("student", 1e-3, 1, clip_low=0.2, clip_high=0.28,
+                            sampling=common.sampling(temperature=0.8))
+    loss, _ = opd.make_loss_fn(scfg, ())(model, _jnp(batch), None)
     _, logp = reference_logp(model, batch, 0.8)
     m = batch["mask"] * batch["token_weight"]
     rho = np.exp(np.where(m > 0, logp - batch["old_logp"], 0.0))
@@ -199,10 +201,11 @@ def test_teacher_pools_against_numpy():
 
 
 def test_teacher_weights_must_be_positive_and_sum_to_one():
-    assert opd.teacher_weights("opd", common.opd_stage("s", 1e-3, 1), 4) == [0.25] * 4
+    four = ("a", "b", "c", "d")
+    assert opd.teacher_weights("opd", common.opd_stage("s", 1e-3, 1, teachers=four)) == [0.25] * 4
     for bad in [(0.5, 0.6), (1.0, 0.0), (0.5,)]:
-        with pytest.raises(ValueError, match="teacher"):
-            opd.teacher_weights("opd", common.opd_stage("s", 1e-3, 1, teacher_weights=bad), 2)
+        with pytest.raises(ValueError, match="weights"):
+            opd.teacher_weights("opd", common.opd_stage("s", 1e-3, 1, teachers=("a", "b"), weights=bad))
 
 
 def test_several_teachers_full_reverse_kl_targets_the_geometric_pool():
@@ -211,9 +214,8 @@ def test_several_teachers_full_reverse_kl_targets_the_geometric_pool():
     student, teachers = tiny_model(0), [tiny_model(1, layers=2), tiny_model(2)]
     batch = hand_batch()
     split = [nnx.split(t) for t in teachers]
-    scfg = common.opd_stage("student", 1e-3, 1, loss="reverse_kl", extra_teachers=("t2",),
-                            teacher_weights=(0.25, 0.75))
-    loss, _ = opd.make_loss_fn(scfg, [g for g, _ in split], [0.25, 0.75])(student, _jnp(batch), [s for _, s in split])
+    scfg = common.opd_stage("student", 1e-3, 1, loss="reverse_kl", teachers=("t1", "t2"), weights=(0.25, 0.75))
+    loss, _ = opd.make_loss_fn(scfg, [g for g, _ in split])(student, _jnp(batch), [s for _, s in split])
     s = _np_log_softmax(reference_logp(student, batch)[0])
     t = [_np_log_softmax(reference_logp(x, batch)[0]) for x in teachers]
     pool = 0.25 * t[0] + 0.75 * t[1]
@@ -224,7 +226,7 @@ def test_several_teachers_full_reverse_kl_targets_the_geometric_pool():
 
 
 def test_several_teachers_refuse_a_full_loss_of_another_pool(tmp_path):
-    cfg = smoke_config(["teacher_sft", "opd"], opd__loss="reverse_kl", opd__extra_teachers=("stage:teacher_sft",),
+    cfg = smoke_config(["teacher_sft", "opd"], opd__loss="reverse_kl", opd__teachers=("teacher", "stage:teacher_sft"),
                        opd__teacher_pool="arithmetic")
     with pytest.raises(ValueError, match="does not target the arithmetic pool"):
         pipelines.run(cfg, str(tmp_path))
@@ -245,7 +247,7 @@ def trained_teacher(tmp_path_factory):
     dict(loss="exopd", lam=1.25, advantage_norm="whiten"),
     dict(loss="sampled_reverse_kl", advantage_norm="whiten", tip_rule="union"),
     dict(loss="sampled_reverse_kl", advantage_norm="whiten", teacher_pool="arithmetic",
-         extra_teachers=("teacher",), teacher_weights=(0.5, 0.5)),
+         teachers=("teacher", "teacher"), weights=(0.5, 0.5)),
     dict(loss="reverse_kl"),
     dict(loss="forward_kl"),
     dict(loss="jsd", beta=0.5),
@@ -259,7 +261,7 @@ def test_opd_loss_reduces_teacher_kl(tmp_path, trained_teacher, overrides):
     cfg.stages.opd.optimizer.lr = 1e-2
     pipelines.run(cfg, str(tmp_path))
     records = _records(tmp_path, "opd")
-    kl = [r["teacher_kl"] for r in records]
+    kl = [r["teacher_reverse_kl_sampled"] for r in records]
     assert np.mean(kl[-2:]) < 0.7 * np.mean(kl[:2]), kl
     if "tip_rule" in overrides:
         assert all(0.0 < r["tip_kept_frac"] < 1.0 for r in records)

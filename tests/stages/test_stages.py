@@ -1,5 +1,6 @@
 """Stages: loss parity with the objectives library, 1 vs 8 devices, learning, failures."""
 
+import dataclasses
 import json
 import os
 
@@ -19,7 +20,7 @@ from stage_helpers import hand_batch, reference_logp, smoke_config, tiny_model
 def test_rl_loss_equals_objectives_library():
     model = tiny_model()
     batch = hand_batch()
-    scfg = common.rl_stage("student", 1e-3, 1, temperature=0.7, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01,
+    scfg = common.rl_stage("student", 1e-3, 1, sampling=common.sampling(temperature=0.7), kl_coef=0.1, kl_kind="k3", entropy_coef=0.01,
                            loss_kwargs=common.cd(clip_low=0.2, clip_high=0.28))
     loss, metrics = rl.make_loss_fn(scfg)(model, {k: jnp.asarray(v) for k, v in batch.items()}, None)
     logits, logp = reference_logp(model, batch, 0.7)
@@ -39,7 +40,7 @@ def test_opd_full_vocabulary_loss_equals_objectives_library(kind):
     batch = hand_batch()
     scfg = common.opd_stage("student", 1e-3, 1, loss=kind)
     graphdef, state = nnx.split(teacher)
-    loss, _ = opd.make_loss_fn(scfg, [graphdef], [1.0])(student, {k: jnp.asarray(v) for k, v in batch.items()},
+    loss, _ = opd.make_loss_fn(scfg, [graphdef])(student, {k: jnp.asarray(v) for k, v in batch.items()},
                                                          [state])
     s_logits, _ = reference_logp(student, batch)
     t_logits, _ = reference_logp(teacher, batch)
@@ -93,10 +94,10 @@ def test_microbatches_accumulate_the_whole_batch_gradient(kind, overrides):
         loss_fn, frozen = rl.make_loss_fn(scfg), None
         weight = rl.microbatch_weight(scfg)
     elif kind == "opd":
-        loss_fn, frozen = opd.make_loss_fn(common.opd_stage("student", 1e-3, 1, **overrides), [t_graphdef], [1.0]), [t_state]
+        loss_fn, frozen = opd.make_loss_fn(common.opd_stage("student", 1e-3, 1, **overrides), [t_graphdef]), [t_state]
         weight = stage_common.token_count("token_weight")
     else:
-        loss_fn, frozen = sft.make_loss_fn(common.sft_stage("student", 1e-3, 1, **overrides), t_graphdef), t_state
+        loss_fn, frozen = sft.make_loss_fn(common.sft_stage("student", 1e-3, 1, **overrides), t_graphdef), (t_state,)
         weight = stage_common.token_count()
     batch = hand_batch()
     if kind == "opd":  # per-token advantages, as the opd stage makes them
@@ -138,14 +139,15 @@ def test_run_stage_stops_after_consecutive_nonfinite_updates(tmp_path):
     tx = train_state.make_optimizer(common.optimizer(1e-3))
     state0 = train_state.init_state(params, tx)
 
-    def build(ctx, name, scfg):
+    def loop(ctx, unit, scfg, kind):
         def step(state, i):
             return state.replace(skipped=jnp.int32(max(0, i - 1))), {"loss": jnp.float32(i)}
         return runtime.StageProgram(graphdef, state0, step)
 
     scfg = common.cd(model="student", steps=10)
+    flaky = dataclasses.replace(rl.KIND, loop=loop)
     with pytest.raises(runtime.NonFiniteError, match="3 consecutive non-finite"):
-        runtime.run_stage(ctx, "flaky", scfg, build)
+        runtime.run_stage(ctx, runtime.Unit("flaky"), scfg, flaky)
     ckpt = checkpoint.StageCheckpoints(str(tmp_path), "flaky")
     assert ckpt.latest_step() == 4  # skipped updates leave params untouched
     assert not (tmp_path / "models" / "flaky").exists()
@@ -213,8 +215,8 @@ def test_rl_stage_raises_the_probability_of_correct_answers(tmp_path):
     from bridge.stages import sft
 
     cfg = smoke_config(["student_sft", "student_rl"], student_sft__steps=60, student_sft__batch_size=16,
-                       student_sft__pool_prompts=22, student_rl__steps=12, student_rl__prompts_per_step=8,
-                       student_rl__group_size=8)
+                       student_sft__pool_prompts=22, student_rl__steps=20, student_rl__prompts_per_step=8,
+                       student_rl__sampling__n=8)
     cfg.task.options.update(digits=1, num_train=22, num_test=5)
     cfg.stages.student_sft.optimizer.lr = 1e-2
     cfg.stages.student_rl.optimizer.lr = 1e-3
@@ -237,5 +239,5 @@ def test_stage_task_options_override_the_run_task(tmp_path):
     task = ctx.stage_task(cfg.stages.student_sft)
     assert len(task.examples("train")) == 40 and len(ctx.task.examples("train")) == 64
     assert [e.prompt for e in task.examples("test")] == [e.prompt for e in ctx.task.examples("test")]
-    pool = sft.load_or_build_pool(ctx, "student_sft", cfg.stages.student_sft, None)
+    pool = sft.load_or_build_pool(ctx, runtime.Unit("student_sft"), cfg.stages.student_sft, None)
     assert len(pool["tokens"]) == 40
