@@ -173,3 +173,28 @@ def test_every_random_choice_has_its_own_key(tmp_path):
     assert ctx.seed(units[2], 1, "sample") == seeds[(units[2], 1, "sample")]
     key = ctx.rng(units[1], 0, "sample")
     assert jax.random.key_data(key).shape == jax.random.key_data(jax.random.key(0)).shape
+
+
+def test_rollout_concat_pads_and_rows_select():
+    """Rollouts of different widths join with prompts padded on the left and completions on
+    the right; `rows` picks rows in the given order, texts and examples with them."""
+    from bridge.stages.common import Rollout
+
+    def make(rows, p, n, offset):
+        return Rollout(prompt_tokens=np.full((rows, p), 7, np.int32), prompt_mask=np.ones((rows, p), bool),
+                       tokens=np.full((rows, n), 3, np.int32), mask=np.ones((rows, n), bool),
+                       sample_logp=np.full((rows, n), -1.0, np.float32), lengths=np.full(rows, n),
+                       truncated=np.zeros(rows, bool), rewards=np.arange(rows, dtype=np.float32) + offset,
+                       format_ok=np.ones(rows, np.float32), texts=tuple(f"t{offset + i}" for i in range(rows)),
+                       examples=tuple(range(offset, offset + rows)), sample_tokens_per_s=10.0)
+
+    both = Rollout.concat([make(2, 3, 4, 0), make(1, 5, 2, 10)])
+    assert both.prompt_tokens.shape == (3, 5) and both.tokens.shape == (3, 4)
+    np.testing.assert_array_equal(both.prompt_mask[0], [False, False, True, True, True])
+    np.testing.assert_array_equal(both.mask[2], [True, True, False, False])
+    np.testing.assert_array_equal(both.tokens[2], [3, 3, 0, 0])
+    picked = both.rows(np.array([2, 0]))
+    np.testing.assert_array_equal(picked.rewards, [10.0, 0.0])
+    assert picked.texts == ("t10", "t0") and picked.examples == (10, 0)
+    assert both.rows(slice(1, 3)).texts == ("t1", "t10")
+    np.testing.assert_array_equal(both.correct, [False, True, True])

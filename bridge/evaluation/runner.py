@@ -97,12 +97,6 @@ def completion_scores(model, out) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(logp), np.asarray(entropy)
 
 
-def kl_temperature(temperature: float) -> float:
-    """The temperature both models' distributions are compared at: the sampling temperature,
-    or 1 for greedy decoding (temperature 0)."""
-    return float(temperature) if temperature > 0 else 1.0
-
-
 @functools.lru_cache(maxsize=8)
 def _kl_scorer(graphdef, reference_graphdef, temperature: float):
     @jax.jit
@@ -121,10 +115,10 @@ def completion_kl(model, reference_model, out, temperature: float) -> np.ndarray
     sampled completions (0 off the mask), exact over the full vocabulary and streamed by
     `bridge.scoring.completion_divergence` (kind "reverse_kl", student = model, teacher =
     reference), never holding [R, N, V] logits for large vocabularies. pi_T = softmax(logits / T)
-    with T = `kl_temperature(temperature)`. Both models must share the vocabulary."""
+    with T = `sampling.processors.scoring_temperature(temperature)`. Both models must share the vocabulary."""
     graphdef, state = nnx.split(model)
     reference_graphdef, reference_state = nnx.split(reference_model)
-    kl = _kl_scorer(graphdef, reference_graphdef, kl_temperature(temperature))(
+    kl = _kl_scorer(graphdef, reference_graphdef, sampling.processors.scoring_temperature(temperature))(
         state, reference_state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask
     )
     return np.asarray(kl)

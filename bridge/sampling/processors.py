@@ -33,6 +33,12 @@ def apply_temperature(logits: jax.Array, temperature: float) -> jax.Array:
     return logits if temperature == 1.0 else logits / temperature
 
 
+def scoring_temperature(temperature: float) -> float:
+    """The temperature a sampled token is scored at (by a trainer, or to compare two models):
+    the sampling temperature, or 1 for greedy decoding (temperature 0)."""
+    return float(temperature) if temperature > 0 else 1.0
+
+
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """Keeps the k largest logits per row (all of them when k <= 0 or k >= V)."""
     if k <= 0 or k >= logits.shape[-1]:

@@ -77,11 +77,6 @@ def row_count(weight_key: str) -> Callable:
     return count
 
 
-def correct(rollout: dict) -> np.ndarray:
-    """bool[R]: the verifier scored the completion correct (score 1)."""
-    return rollout["rewards"] >= 1.0
-
-
 def tis_weight(old_logp, sample_logp, cap: float):
     """Truncated importance weight min(pi_old / pi_sample, cap) per token [B, T] (Yao et al.
     2025, "Your efficient RL framework secretly brings you off-policy RL training"); both
@@ -121,11 +116,6 @@ def current_model(trainer: Trainer, state: train_state.TrainState):
     return nnx.merge(trainer.graphdef, state.params)
 
 
-def scoring_temperature(temperature: float) -> float:
-    """The temperature a trainer scores sampled tokens at: the sampling one, 1 for greedy."""
-    return float(temperature) if temperature > 0 else 1.0
-
-
 def rollout_update_rows(scfg) -> int:
     """Rows in one optimizer update of a stage that trains on its own rollouts."""
     return int(scfg.prompts_per_step * scfg.sampling.n // scfg.minibatches)
@@ -148,25 +138,80 @@ def rollout_batch_spec(rows: int, prompt_len: int, completion: int, **extra) -> 
     return spec
 
 
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """Completions of a batch of prompts with their verifier scores, from the sampler through
+    scoring to the update; host (NumPy) arrays, R rows prompt-major (row b * n + j is sample j
+    of prompt b), P prompt and N completion slots."""
+
+    prompt_tokens: np.ndarray  # int32[R, P], left-padded
+    prompt_mask: np.ndarray  # bool[R, P]
+    tokens: np.ndarray  # int32[R, N], pad after the first eos
+    mask: np.ndarray  # bool[R, N], up to and including the first eos
+    sample_logp: np.ndarray  # float32[R, N]: the sampler's log-prob before truncation
+    lengths: np.ndarray  # int32[R]
+    truncated: np.ndarray  # bool[R]: cut at max_new_tokens
+    rewards: np.ndarray  # float32[R]: the verifier's score in [0, 1]
+    format_ok: np.ndarray  # float32[R]
+    texts: tuple = ()
+    examples: tuple = ()
+    sample_tokens_per_s: float = 0.0
+
+    TOKEN_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
+
+    @property
+    def correct(self) -> np.ndarray:
+        """bool[R]: the verifier scored the completion correct (score 1)."""
+        return self.rewards >= 1.0
+
+    def token_arrays(self) -> dict:
+        """The arrays a teacher-forced pass reads: prompt_tokens, prompt_mask, tokens, mask."""
+        return {k: getattr(self, k) for k in self.TOKEN_KEYS}
+
+    def rows(self, index) -> "Rollout":
+        """The rollout of the rows `index` (a slice or an index array), in that order."""
+        picked = np.arange(len(self.tokens))[index]
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name)[picked] for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), np.ndarray)},
+            texts=tuple(self.texts[i] for i in picked) if self.texts else (),
+            examples=tuple(self.examples[i] for i in picked) if self.examples else ())
+
+    @staticmethod
+    def concat(parts: Sequence["Rollout"]) -> "Rollout":
+        """Joins rollouts, padding prompts on the left and completions on the right to the widest."""
+        if len(parts) == 1:
+            return parts[0]
+        p = max(x.prompt_tokens.shape[1] for x in parts)
+        n = max(x.tokens.shape[1] for x in parts)
+        fields = {}
+        for f in dataclasses.fields(Rollout):
+            values = [getattr(x, f.name) for x in parts]
+            if f.name in ("prompt_tokens", "prompt_mask"):
+                values = [np.pad(v, ((0, 0), (p - v.shape[1], 0))) for v in values]
+            elif isinstance(values[0], np.ndarray) and values[0].ndim == 2:
+                values = [np.pad(v, ((0, 0), (0, n - v.shape[1]))) for v in values]
+            fields[f.name] = (np.concatenate(values) if isinstance(values[0], np.ndarray) else
+                              sum(values, ()) if isinstance(values[0], tuple) else float(np.mean(values)))
+        return Rollout(**fields)
+
+
 def sample_rollout(ctx: runtime.Context, model, examples: Sequence, sampling_cfg, *, seed: int,
-                   chunk_prompts: int = 0) -> dict:
+                   chunk_prompts: int = 0) -> Rollout:
     """Samples `sampling_cfg.n` completions per prompt and scores them with the task's verifier.
 
-    Returns host arrays: prompt_tokens/prompt_mask [R, P], tokens/mask [R, N], sample_logp [R, N],
-    rewards/format_ok/truncated [R] (R = len(examples) * n, prompt-major), plus "texts" and
-    "examples" lists and "sample_tokens_per_s". With chunk_prompts > 0 the prompts are sampled
-    that many at a time (the KV cache of one chunk is alive at once), chunk j from seed + j.
+    With chunk_prompts > 0 the prompts are sampled that many at a time (the KV cache of one
+    chunk is alive at once), chunk j from seed + j.
     """
     chunk = int(chunk_prompts) or len(examples)
     t0 = time.perf_counter()
     parts = [_sample_chunk(ctx, model, examples[j:j + chunk], sampling_cfg, seed=seed + j)
              for j in range(0, len(examples), chunk)]
-    out = concat_rollouts(parts)
-    out["sample_tokens_per_s"] = float(out["lengths"].sum()) / max(time.perf_counter() - t0, 1e-9)
-    return out
+    out = Rollout.concat(parts)
+    return dataclasses.replace(out, sample_tokens_per_s=float(out.lengths.sum()) / max(time.perf_counter() - t0, 1e-9))
 
 
-def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: int) -> dict:
+def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: int) -> Rollout:
     n = int(sc.n)
     out = sampling.generate(model, [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
                             max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
@@ -178,38 +223,17 @@ def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: 
                            "finish_reason": out.finish_reason, "lengths": out.lengths})
     texts = runtime.decode_completions(ctx.tokenizer, host["tokens"], host["mask"], ctx.eos_ids)
     rows = [e for e in examples for _ in range(n)]
-    truncated = host["finish_reason"] == sampling.FINISH_LENGTH
+    truncated = host.pop("finish_reason") == sampling.FINISH_LENGTH
     results = [ctx.task.reward(t, e, truncated=bool(c)) for t, e, c in zip(texts, rows, truncated)]
-    return {
-        "prompt_tokens": host["prompt_tokens"], "prompt_mask": host["prompt_mask"],
-        "tokens": host["tokens"], "mask": host["mask"], "sample_logp": host["sample_logp"],
-        "lengths": host["lengths"], "truncated": truncated,
-        "rewards": np.array([r.score for r in results], np.float32),
-        "format_ok": np.array([r.format_ok for r in results], np.float32),
-        "texts": texts, "examples": rows,
-    }
+    return Rollout(**host, truncated=truncated, rewards=np.array([r.score for r in results], np.float32),
+                   format_ok=np.array([r.format_ok for r in results], np.float32), texts=tuple(texts),
+                   examples=tuple(rows))
 
 
-def concat_rollouts(parts: list[dict]) -> dict:
-    """Joins rollouts, padding prompt/completion arrays to the widest (left/right padding)."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    p = max(x["prompt_tokens"].shape[1] for x in parts)
-    for k in parts[0]:
-        vals = [x[k] for x in parts]
-        if k in ("prompt_tokens", "prompt_mask"):
-            vals = [np.pad(v, ((0, 0), (p - v.shape[1], 0))) for v in vals]
-        elif isinstance(vals[0], np.ndarray) and vals[0].ndim == 2:
-            n = max(v.shape[1] for v in vals)
-            vals = [np.pad(v, ((0, 0), (0, n - v.shape[1]))) for v in vals]
-        out[k] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else (
-            sum(vals, []) if isinstance(vals[0], list) else float(np.mean(vals)))
-    return out
-
-
-
-ARRAY_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
+def place_rollout(ctx: runtime.Context, rollout: Rollout) -> tuple[dict, jax.Array]:
+    """The rollout's token arrays as a batch on the mesh, and its sampler logprobs there."""
+    placed = runtime.place_batch(ctx, {**rollout.token_arrays(), "sample_logp": rollout.sample_logp})
+    return placed, placed.pop("sample_logp")
 
 
 def minibatches(batch: dict, num: int, rng: np.random.Generator | None) -> list[dict]:
@@ -240,14 +264,11 @@ def run_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, nu
     return state, metrics
 
 
-def response_metrics(rollout: dict) -> dict:
+def response_metrics(rollout: Rollout) -> dict:
     """Reward, accuracy, response length and truncation rate of a rollout batch."""
-    return {"reward": float(rollout["rewards"].mean()),
-            "accuracy": float(correct(rollout).mean()),
-            "format_ok": float(rollout["format_ok"].mean()),
-            "response_length": float(rollout["lengths"].mean()),
-            "truncated_frac": float(rollout["truncated"].mean()),
-            "sample_tokens_per_s": rollout["sample_tokens_per_s"]}
+    return {"reward": float(rollout.rewards.mean()), "accuracy": float(rollout.correct.mean()),
+            "format_ok": float(rollout.format_ok.mean()), "response_length": float(rollout.lengths.mean()),
+            "truncated_frac": float(rollout.truncated.mean()), "sample_tokens_per_s": rollout.sample_tokens_per_s}
 
 
 def mean_metrics(items: Sequence[dict]) -> dict:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, scoring
+from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
 from bridge.stages import StageKind, common
 
 PG_LOSSES = ("sampled_reverse_kl", "exopd")
@@ -77,7 +77,7 @@ def teacher_weights(name: str, scfg) -> list[float]:
 
 
 def make_loss_fn(scfg, teacher_graphdefs):
-    temperature = common.scoring_temperature(scfg.sampling.temperature)
+    temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
     weights = teacher_weights("opd", scfg)
 
     def loss_fn(model, batch, frozen):
@@ -149,7 +149,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     frozen = teacher_states if frozen_roles(scfg) else None
     trainer = common.make_trainer(ctx, kind, scfg, model, graphdefs if frozen else (),
                                   scfg.steps * scfg.epochs * scfg.minibatches)
-    temperature = common.scoring_temperature(scfg.sampling.temperature)
+    temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
     slices = common.scoring_slices(scfg)
     score_student = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
         nnx.merge(trainer.graphdef, s), b, temperature, return_entropy=True), slices))
@@ -164,8 +164,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         roll = common.sample_rollout(ctx, common.current_model(trainer, state), next(data).examples,
                                      scfg.sampling, seed=ctx.seed(unit, i, "sample"),
                                      chunk_prompts=scfg.sample_batch_size)
-        batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
-        sample_logp = runtime.place_batch(ctx, {"sample_logp": roll["sample_logp"]})["sample_logp"]
+        batch, sample_logp = common.place_rollout(ctx, roll)
         mask = batch["mask"].astype(jnp.float32)
         old_logp, entropy = score_student(state.params, batch)
         teacher_logp = pool_logprobs([f(s, batch) for f, s in zip(score_teachers, teacher_states)], weights,
@@ -192,7 +191,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         batch.update(old_logp=old_logp, advantages=adv, token_weight=token_weight, tis_weight=tis)
         state, update_metrics = common.run_updates(
             trainer, state, batch, frozen, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
-            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll["lengths"].sum()))
+            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll.lengths.sum()))
         metrics.update(update_metrics)
         return state, metrics
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, scoring
+from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
 from bridge.stages import StageKind, common
 from bridge.tasks import soft_overlong_penalty
 
@@ -50,7 +50,7 @@ def make_loss_fn(scfg):
     """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus."""
     policy = losses.policy_loss(scfg.loss, **scfg.loss_kwargs.to_dict())
     mode, max_len = scfg.aggregation, scfg.get("max_len") or None
-    temperature = common.scoring_temperature(scfg.sampling.temperature)
+    temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
 
     def loss_fn(model, batch, frozen):
         # The entropy (and its gradient) is computed here only when it is a loss term; the
@@ -74,13 +74,13 @@ def make_loss_fn(scfg):
     return loss_fn
 
 
-def shaped_rewards(rollout: dict, scfg) -> np.ndarray:
+def shaped_rewards(rollout: common.Rollout, scfg) -> np.ndarray:
     """Verifier rewards plus DAPO's soft overlong penalty when overlong_buffer > 0."""
-    rewards = rollout["rewards"].copy()
+    rewards = rollout.rewards.copy()
     if scfg.overlong_buffer > 0:
         rewards += scfg.overlong_penalty * np.array(
             [soft_overlong_penalty(int(n), scfg.sampling.max_new_tokens, scfg.overlong_buffer)
-             for n in rollout["lengths"]], np.float32)
+             for n in rollout.lengths], np.float32)
     return rewards
 
 
@@ -90,7 +90,7 @@ def informative_groups(correct: np.ndarray, group_size: int) -> np.ndarray:
     return (hits > 0) & (hits < group_size)
 
 
-def collect(ctx, model, data, scfg, seeds) -> tuple[dict, np.ndarray]:
+def collect(ctx, model, data, scfg, seeds) -> tuple[common.Rollout, np.ndarray]:
     """Rollouts for one step and a row weight [R] (0 on groups DAPO's filter drops).
 
     Without dynamic sampling: one batch of prompts. With it: keeps drawing prompt batches
@@ -104,22 +104,16 @@ def collect(ctx, model, data, scfg, seeds) -> tuple[dict, np.ndarray]:
         examples = next(data).examples
         roll = common.sample_rollout(ctx, model, examples, scfg.sampling, seed=seeds(attempt),
                                      chunk_prompts=scfg.sample_batch_size)
-        roll["rewards_shaped"] = shaped_rewards(roll, scfg)
         if not scfg.dynamic_sampling:
-            return roll, np.ones(len(roll["rewards"]), np.float32)
-        good = informative_groups(common.correct(roll), n)
+            return roll, np.ones(len(roll.rewards), np.float32)
+        good = informative_groups(roll.correct, n)
         for g, ok in enumerate(good):
-            (kept if ok else spare).append(_group(roll, g, n))
+            (kept if ok else spare).append(roll.rows(slice(g * n, (g + 1) * n)))
         if len(kept) >= scfg.prompts_per_step:
             break
     groups = (kept + spare)[: scfg.prompts_per_step]
     weight = np.repeat([1.0 if i < len(kept) else 0.0 for i in range(len(groups))], n).astype(np.float32)
-    return common.concat_rollouts(groups), weight
-
-
-def _group(roll: dict, g: int, n: int) -> dict:
-    sl = slice(g * n, (g + 1) * n)
-    return {k: (v[sl] if isinstance(v, (np.ndarray, list)) else v) for k, v in roll.items()}
+    return common.Rollout.concat(groups), weight
 
 
 def check_kl(name: str, scfg) -> None:
@@ -151,7 +145,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     check_kl(unit.id, scfg)
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
-    temperature = common.scoring_temperature(scfg.sampling.temperature)
+    temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
     slices = common.scoring_slices(scfg)
     reference = None
     if scfg.kl_coef > 0:  # copied before the trainer takes (and donates) the policy's buffers
@@ -170,10 +164,10 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     def step(state, i):
         roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg,
                                    lambda attempt: ctx.seed(unit, i, f"sample/{attempt}"))
-        batch = runtime.place_batch(ctx, {k: roll[k] for k in common.ARRAY_KEYS})
+        batch, sample_logp = common.place_rollout(ctx, roll)
         # Old logprobs from the trainer's own forward pass, so rho = 1 exactly at the first update.
         old_logp, entropy = score(state.params, batch)
-        rewards = roll["rewards_shaped"]
+        rewards = shaped_rewards(roll, scfg)
         metrics = common.response_metrics(roll)
         metrics["entropy"] = float(losses.masked_mean(entropy, batch["mask"]))
         if reference is not None:
@@ -186,12 +180,11 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
                 rewards = rewards - scfg.kl_coef * seq_kl
         adv = np.asarray(estimator(jnp.asarray(rewards), scfg.sampling.n)) * row_weight
         batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
-        sample_logp = runtime.place_batch(ctx, {"sample_logp": roll["sample_logp"]})["sample_logp"]
         tis = common.tis_weight(old_logp, sample_logp, scfg.tis_cap)
         batch.update(old_logp=old_logp, tis_weight=tis)
         state, update_metrics = common.run_updates(
             trainer, state, batch, None, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
-            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll["lengths"].sum()))
+            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll.lengths.sum()))
         metrics.update(update_metrics)
         metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
                        kept_group_frac=float(row_weight.mean()),

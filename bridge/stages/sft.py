@@ -62,7 +62,7 @@ def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, unit) -> dict:
     """`sampling.n` teacher samples per prompt, drawn in chunks."""
     roll = common.sample_rollout(ctx, teacher, examples, scfg.sampling, seed=ctx.seed(unit, 0, "pool"),
                                  chunk_prompts=scfg.sample_batch_size)
-    return {k: roll[k] for k in common.ARRAY_KEYS + ("rewards",)}
+    return {**roll.token_arrays(), "rewards": roll.rewards}
 
 
 def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
@@ -144,7 +144,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         epoch, pos = divmod(i * bs, rows)
         order = np.concatenate([ctx.np_rng(unit, epoch + e, "order").permutation(rows) for e in range(2)])
         idx = order[pos:pos + bs]
-        batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.ARRAY_KEYS})
+        batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.Rollout.TOKEN_KEYS})
         state, metrics = trainer.update(state, batch, frozen)
         metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))
         if "rewards" in pool:

@@ -165,8 +165,8 @@ def test_kl_of_a_model_to_itself_is_zero(setup, monkeypatch):
 
 
 def test_kl_temperature_is_the_sampling_temperature_or_one_for_greedy():
-    assert runner.kl_temperature(0.7) == 0.7 and runner.kl_temperature(1.3) == 1.3
-    assert runner.kl_temperature(0.0) == 1.0
+    assert sampling.processors.scoring_temperature(0.7) == 0.7 and sampling.processors.scoring_temperature(1.3) == 1.3
+    assert sampling.processors.scoring_temperature(0.0) == 1.0
 
 
 def test_summary_reports_sequence_and_per_token_kl():

@@ -86,12 +86,11 @@ def test_sequence_mean_loss_ignores_dropped_rows(aggregation):
 def _hand_rollout(rewards, lengths, n_tokens=16):
     rows = len(rewards)
     mask = np.arange(n_tokens)[None, :] < np.asarray(lengths)[:, None]
-    return {"prompt_tokens": np.ones((rows, 3), np.int32), "prompt_mask": np.ones((rows, 3), bool),
-            "tokens": np.ones((rows, n_tokens), np.int32), "mask": mask,
-            "sample_logp": np.zeros((rows, n_tokens), np.float32), "lengths": np.asarray(lengths),
-            "truncated": np.asarray(lengths) >= n_tokens, "rewards": np.asarray(rewards, np.float32),
-            "format_ok": np.ones(rows, np.float32), "texts": [""] * rows, "examples": [None] * rows,
-            "sample_tokens_per_s": 1.0}
+    return stage_common.Rollout(
+        prompt_tokens=np.ones((rows, 3), np.int32), prompt_mask=np.ones((rows, 3), bool),
+        tokens=np.ones((rows, n_tokens), np.int32), mask=mask, sample_logp=np.zeros((rows, n_tokens), np.float32),
+        lengths=np.asarray(lengths), truncated=np.asarray(lengths) >= n_tokens,
+        rewards=np.asarray(rewards, np.float32), format_ok=np.ones(rows, np.float32))
 
 
 def test_dapo_filter_reads_accuracy_not_shaped_reward(monkeypatch):
@@ -99,8 +98,8 @@ def test_dapo_filter_reads_accuracy_not_shaped_reward(monkeypatch):
     drops that group (0 < #correct < G fails); a group with 2 of 4 correct is kept."""
     all_wrong = _hand_rollout([0, 0, 0, 0], [4, 10, 13, 16])
     mixed = _hand_rollout([1, 0, 1, 0], [5, 5, 5, 5])
-    both = stage_common.concat_rollouts([all_wrong, mixed])
-    monkeypatch.setattr(rl.common, "sample_rollout", lambda *a, **k: dict(both))
+    both = stage_common.Rollout.concat([all_wrong, mixed])
+    monkeypatch.setattr(rl.common, "sample_rollout", lambda *a, **k: both)
 
     class Prompts:
         def __next__(self):
@@ -112,7 +111,8 @@ def test_dapo_filter_reads_accuracy_not_shaped_reward(monkeypatch):
     assert len(set(shaped[:4].tolist())) == 4  # the penalty does tell the wrong answers apart
     roll, weight = rl.collect(None, None, Prompts(), scfg, lambda attempt: attempt)
     np.testing.assert_array_equal(weight, [1, 1, 1, 1, 0, 0, 0, 0])  # kept groups come first
-    np.testing.assert_array_equal(roll["rewards"], [1, 0, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(roll.rewards, [1, 0, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(roll.lengths, [5, 5, 5, 5, 4, 10, 13, 16])
     np.testing.assert_array_equal(rl.informative_groups(np.array([1, 1, 1, 1, 1, 0, 0, 0]) > 0, 4), [False, True])
 
 
