@@ -93,6 +93,29 @@ def opd_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigD
     return s
 
 
+def erpd_teacher_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
+    """ERPD stage 1: a copy of `init` trained `steps` updates on one fixed batch it samples
+    (prompts_per_step x sampling.n, T = 0.6 as the paper), each update on 1/minibatches of it;
+    exported and evaluated (the paper's tables report the teacher); see bridge/stages/erpd.py."""
+    s = cd(kind="erpd_teacher", model=model, init="student", steps=steps, prompts_per_step=32,
+           sampling=sampling(16, temperature=0.6), sample_batch_size=0, minibatches=8, microbatches=1,
+           teacher_loss="ce", aggregation="mean", beta=0.05, clip_low=0.2, clip_high=0.28, tau_pos=1.0,
+           tau_neg=1.05, kl_coef=0.0, track_every=5, snapshot_steps=(), export=True, optimizer=optimizer(lr))
+    s.update(kw)
+    return s
+
+
+def erpd_distill_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
+    """ERPD stage 2: trust-region distillation of `model` on the teacher stage's fixed batch
+    with whitened per-token rewards of `strategies` (s1, s2, s3; several: an ensemble)."""
+    s = cd(kind="erpd_distill", model=model, init="", steps=steps, batch="artifact:erpd_teacher/batch",
+           strategies=("s1",), weights=(), teacher="erpd_teacher", unlearned="", weak="", denominator="old",
+           sampling=sampling(16, temperature=0.6), minibatches=8, microbatches=1, prompts_per_step=32, clip_low=0.2, clip_high=0.28, kl_coef=0.0, entropy_coef=0.0, track_every=5,
+           optimizer=optimizer(lr))
+    s.update(kw)
+    return s
+
+
 def parse_arg(arg: str | None, known: tuple[str, ...]) -> list[str]:
     """"toy,no_warmup" -> ["toy", "no_warmup"], naming any unknown part."""
     parts = [p for p in (arg or "").split(",") if p]

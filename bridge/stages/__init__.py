@@ -59,9 +59,10 @@ class StageKind:
 
 
 def _registry() -> dict:
-    from bridge.stages import opd, rl, sft
+    from bridge.stages import erpd, opd, rl, sft
 
-    return {"rl": rl.KIND, "sft": sft.KIND, "opd": opd.KIND}
+    return {"rl": rl.KIND, "sft": sft.KIND, "opd": opd.KIND, "erpd_teacher": erpd.TEACHER,
+            "erpd_distill": erpd.DISTILL}
 
 
 def kind(name: str) -> StageKind:

@@ -236,6 +236,14 @@ def place_rollout(ctx: runtime.Context, rollout: Rollout) -> tuple[dict, jax.Arr
     return placed, placed.pop("sample_logp")
 
 
+def pool_rows(ctx: runtime.Context, unit, step: int, rows: int, batch_size: int) -> np.ndarray:
+    """Row indices of update `step` over a fixed pool of `rows`: consecutive slices of one
+    seeded permutation per epoch (`ctx.np_rng`), so the batch at step i is a function of i."""
+    epoch, pos = divmod(step * batch_size, rows)
+    order = np.concatenate([ctx.np_rng(unit, epoch + e, "order").permutation(rows) for e in range(2)])
+    return order[pos:pos + batch_size]
+
+
 def minibatches(batch: dict, num: int, rng: np.random.Generator | None) -> list[dict]:
     """Splits the array entries of `batch` into `num` equal minibatches (shuffled when rng)."""
     rows = len(batch["tokens"])

@@ -141,9 +141,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         raise ValueError(f"Stage {unit.id!r}: batch_size {bs} exceeds the pool's {rows} rows.")
 
     def step(state, i):
-        epoch, pos = divmod(i * bs, rows)
-        order = np.concatenate([ctx.np_rng(unit, epoch + e, "order").permutation(rows) for e in range(2)])
-        idx = order[pos:pos + bs]
+        idx = common.pool_rows(ctx, unit, i, rows, bs)
         batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.Rollout.TOKEN_KEYS})
         state, metrics = trainer.update(state, batch, frozen)
         metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))

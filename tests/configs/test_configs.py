@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from bridge import abstract, advantages, losses, sharding, stages, tasks, train_state
+from bridge import abstract, advantages, losses, runtime, sharding, stages, tasks, train_state
 from bridge.mesh import make_mesh
-from bridge.stages import opd, sft
+from bridge.stages import erpd, opd, sft
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_MODULES = sorted(
@@ -66,6 +66,12 @@ def check_stage(c, name: str, s) -> None:
         assert s.kl_kind in losses.KL_ESTIMATORS and s.kl_mode in ("loss", "reward")
         advantages.advantage_estimator(s.advantage)
         assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
+    elif s.kind == "erpd_teacher":
+        assert s.teacher_loss in erpd.TEACHER_LOSSES and s.init
+        assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
+    elif s.kind == "erpd_distill":
+        erpd.check_distill(name, s)
+        assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
     elif s.kind == "sft":
         assert s.loss in sft.SFT_LOSSES and s.source in ("gold", "teacher")
         if s.source == "teacher" or s.loss != "cross_entropy":
@@ -87,10 +93,12 @@ def test_config_builds_locked_and_valid(module, arg):
         c.nope = 1
     with pytest.raises(AttributeError):
         c.eval.tempreature = 0.7
-    assert c.pipeline.stages and set(c.pipeline.stages) <= set(c.stages)
-    for name in c.pipeline.stages:
-        check_stage(c, name, c.stages[name])
-    assert c.pipeline.c1_stage in ("", *c.pipeline.stages) and c.pipeline.c2_stage in ("", *c.pipeline.stages)
+    units = runtime.pipeline_units(c)
+    assert units
+    for unit, scfg, _ in units:
+        check_stage(c, unit.id, scfg)
+    if c.pipeline.name == "sparse_to_dense":
+        assert c.pipeline.c1_stage in ("", *c.pipeline.stages) and c.pipeline.c2_stage in ("", *c.pipeline.stages)
     assert {"n", "temperature", "top_p", "top_k"} <= set(c.eval)
     tasks.get_task(c.task.name, **c.task.options.to_dict())  # option names match the task factory
     for slot in c.models.values():

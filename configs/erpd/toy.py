@@ -1,0 +1,88 @@
+"""Toy ERPD on CPU: the bridge toy's student after SFT (4-digit addition) is the base; each
+ERPD round trains an extreme-region teacher on one fixed batch of the current student's
+rollouts, then distills it back into the student under a trust region.
+
+    python -m launch.train --config=configs/erpd/toy.py --workdir=/tmp/erpd
+    python -m launch.train --config=configs/erpd/toy.py:mse,s2 --workdir=/tmp/erpd_s2
+
+arg: comma-separated variants.
+  scale:     toy (default) | smoke (seconds, for tests)
+  teacher:   ce (default: implicit-PRM cross-entropy) | grpo | sapo | mse
+  strategy:  s1 (default: teacher vs rollout policy) | s2 (MSE teacher vs its step-`UNLEARNED_STEP`
+             snapshot; implies mse) | s3 (push away from the teacher's step-`UNLEARNED_STEP` snapshot;
+             in the iterative schedule, from round 1's student) | ensemble (s1 + s3)
+             | current (s1 against the evolving policy)
+  schedule:  one round (default) | iterative (the paper's 6 rounds: s1 with a CE teacher for
+             rounds 1-3, s3 in round 4 against round 1's student, s2 with an MSE teacher in
+             rounds 5-6) | no_distill (the teacher continues from itself, rounds as iterative)
+             | switching (each round: ERPD, then on-policy GRPO on the student)
+"""
+
+from configs import common
+from configs.sparse_to_dense import toy
+
+TEACHER_LOSSES = ("ce", "grpo", "sapo", "mse")
+STRATEGY_VARIANTS = ("s1", "s2", "s3", "ensemble", "current")
+SCHEDULES = ("iterative", "no_distill", "switching")
+VARIANTS = ("toy", "smoke", *TEACHER_LOSSES, *STRATEGY_VARIANTS, *SCHEDULES)
+UNLEARNED_STEP = 8
+ROUNDS = 6
+
+
+def get_config(arg=None):
+    parts = common.parse_arg(arg, VARIANTS)
+    smoke = "smoke" in parts
+    base = toy.get_config("smoke" if smoke else None)
+    c = common.base()
+    for key in ("tokenizer", "task", "eval", "checkpoint", "metrics"):
+        c[key] = base[key]
+    c.models.student = base.models.student
+    c.models.erpd_teacher = base.models.student  # a copy of the student, trained on the fixed batch
+    c.stages.student_sft = base.stages.student_sft
+    loss = next((p for p in parts if p in TEACHER_LOSSES), "mse" if "s2" in parts else "ce")
+    gen = common.sampling(8, temperature=0.6, max_new_tokens=8)
+    c.stages.erpd_teacher = common.erpd_teacher_stage(
+        "erpd_teacher", 1e-4, 24, prompts_per_step=32, sampling=gen, minibatches=4, teacher_loss=loss,
+        beta=0.05, track_every=4, snapshot_steps=(UNLEARNED_STEP,))
+    c.stages.erpd_distill = common.erpd_distill_stage(
+        "student", 1e-4, 8, sampling=gen, prompts_per_step=32, minibatches=4, track_every=2,
+        unlearned=f"artifact:erpd_teacher/step{UNLEARNED_STEP}", weak=f"artifact:erpd_teacher/step{UNLEARNED_STEP}")
+    distill = c.stages.erpd_distill
+    if "s2" in parts:
+        distill.strategies = ("s2",)
+        if smoke:
+            distill.unlearned = "artifact:erpd_teacher/step2"
+    elif "s3" in parts:
+        distill.strategies = ("s3",)
+    elif "ensemble" in parts:
+        distill.update(strategies=("s1", "s3"), weights=(0.5, 0.5))
+    elif "current" in parts:
+        distill.denominator = "current"
+    rounds = ROUNDS if any(p in parts for p in ("iterative", "no_distill")) else 1
+    c.pipeline.stages = ("student_sft", "block:round")
+    if "no_distill" in parts:
+        # The control: each round's teacher starts from the previous round's teacher.
+        c.stages.erpd_teacher.per_iteration = common.cd(init=("student",) + ("erpd_teacher",) * (rounds - 1))
+        c.pipeline.blocks = common.cd(round=common.block(("erpd_teacher",), rounds))
+    else:
+        block = ("erpd_teacher", "erpd_distill")
+        if "switching" in parts:
+            c.stages.student_rl = common.rl_stage("student", 1e-4, 10, prompts_per_step=32, sampling=gen)
+            block += ("student_rl",)
+            rounds = 3
+        c.pipeline.blocks = common.cd(round=common.block(block, rounds))
+        if "iterative" in parts:
+            c.stages.erpd_teacher.per_iteration = common.cd(teacher_loss=("ce", "ce", "ce", "ce", "mse", "mse"))
+            distill.per_iteration = common.cd(strategies=(("s1",),) * 3 + (("s3",), ("s2",), ("s2",)),
+                                              weak=("stage:erpd_distill@1",) * ROUNDS)
+    if smoke:
+        for s in (c.stages.erpd_teacher, c.stages.erpd_distill):
+            s.update(steps=4, prompts_per_step=4, minibatches=2, track_every=2)
+            s.sampling.n = 4
+        c.stages.erpd_teacher.snapshot_steps = (2,)
+        distill.unlearned = distill.weak = "artifact:erpd_teacher/step2"
+        if "student_rl" in c.stages:
+            c.stages.student_rl.update(steps=2, prompts_per_step=4)
+            c.stages.student_rl.sampling.n = 4
+    c.lock()
+    return c

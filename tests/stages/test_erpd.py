@@ -1,0 +1,178 @@
+"""ERPD: stage-1 losses and stage-2 rewards against NumPy on hand batches, 1 vs 8 devices, and
+toy runs showing each strategy's intended direction."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bridge import mesh as mesh_lib, models, pipelines, runtime, scoring, train_state
+from bridge.stages import common as stage_common, erpd
+from configs import common
+from configs.erpd import toy
+from stage_helpers import hand_batch, reference_logp, tiny_model
+
+
+def _jnp(batch):
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _teacher_batch():
+    batch = hand_batch()
+    batch["rewards"] = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
+    return batch
+
+
+def _weights(mask, aggregation):
+    m = mask.astype(np.float64)
+    return m if aggregation == "sum" else m / np.maximum(m.sum(1, keepdims=True), 1)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_teacher_implicit_reward_losses_equal_numpy(loss, aggregation):
+    """z_b = beta * agg_t (log pi - log pi_old); CE: mean_b softplus(z) - y z; MSE: mean_b (z - r)^2."""
+    model, batch = tiny_model(), _teacher_batch()
+    scfg = common.erpd_teacher_stage("t", 1e-3, 1, teacher_loss=loss, aggregation=aggregation, beta=0.3,
+                                     sampling=common.sampling(4, temperature=0.6))
+    got, metrics = erpd.teacher_loss(scfg)(model, _jnp(batch), None)
+    _, logp = reference_logp(model, batch, 0.6)
+    z = 0.3 * ((logp - batch["old_logp"]) * _weights(batch["mask"], aggregation)).sum(1)
+    y = batch["rewards"]
+    want = np.mean(np.logaddexp(0, z) - y * z) if loss == "ce" else np.mean((z - y) ** 2)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    if loss == "ce":
+        np.testing.assert_allclose(float(metrics["implicit_reward_accuracy"]), np.mean((z > 0) == (y > 0.5)))
+
+
+@pytest.mark.parametrize("loss", ["grpo", "sapo"])
+def test_teacher_policy_losses_equal_numpy(loss):
+    model, batch = tiny_model(), _teacher_batch()
+    scfg = common.erpd_teacher_stage("t", 1e-3, 1, teacher_loss=loss, clip_low=0.2, clip_high=0.28,
+                                     tau_pos=1.0, tau_neg=1.05, kl_coef=0.1)
+    got, _ = erpd.teacher_loss(scfg)(model, _jnp(batch), None)
+    _, logp = reference_logp(model, batch, 0.6)  # scored at the sampling temperature (0.6 by default)
+    m = batch["mask"].astype(np.float64)
+    d = np.where(m > 0, logp - batch["old_logp"], 0.0)
+    rho, a = np.exp(d), batch["advantages"][:, None]
+    if loss == "grpo":
+        per = -np.minimum(rho * a, np.clip(rho, 0.8, 1.28) * a)
+    else:  # SAPO: -(4 / tau) sigmoid(tau (rho - 1)) A
+        tau = np.where(a > 0, 1.0, 1.05)
+        per = -(4 / tau) / (1 + np.exp(-tau * (rho - 1))) * a
+    kl = np.expm1(-d) + d  # k3 with ref = pi_old
+    want = (per * m).sum() / m.sum() + 0.1 * (kl * m).sum() / m.sum()
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def _np_whiten(x, m):
+    mean = (x * m).sum() / m.sum()
+    var = (((x - mean) * m) ** 2).sum() / (m.sum() - 1)
+    return np.where(m > 0, (x - mean) / np.sqrt(var + 1e-8), 0.0)
+
+
+@pytest.mark.parametrize("strategies,weights", [(("s1",), ()), (("s2",), ()), (("s3",), ()),
+                                                (("s1", "s3"), (0.25, 0.75))])
+def test_strategy_rewards_equal_numpy(strategies, weights):
+    rng = np.random.default_rng(0)
+    shape = (6, 5)
+    logps = {k: -rng.uniform(0.1, 4, shape) for k in ("teacher", "old", "unlearned", "weak")}
+    mask = (rng.random(shape) < 0.8).astype(np.float64)
+    pairs = {"s1": ("teacher", "old"), "s2": ("teacher", "unlearned"), "s3": ("old", "weak")}
+    signals = [_np_whiten(logps[a] - logps[b], mask) for a, b in (pairs[s] for s in strategies)]
+    w = np.asarray(weights or [1.0] * len(signals))
+    want = sum(wi * si for wi, si in zip(w, signals)) / w.sum()
+    got = erpd.strategy_rewards({k: jnp.asarray(v, jnp.float32) for k, v in logps.items()},
+                                jnp.asarray(mask, jnp.float32), strategies, weights)
+    np.testing.assert_allclose(np.asarray(got) * mask, want * mask, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_models_and_checks_name_what_is_missing():
+    scfg = common.erpd_distill_stage("student", 1e-3, 1, strategies=("s3",), weak="")
+    with pytest.raises(ValueError, match="reads the 'weak' model"):
+        erpd.check_distill("d", scfg)
+    with pytest.raises(ValueError, match="choose from"):
+        erpd.check_distill("d", common.erpd_distill_stage("student", 1e-3, 1, strategies=("s9",)))
+    scfg = common.erpd_distill_stage("student", 1e-3, 1, strategies=("s1", "s2"), unlearned="artifact:t/step2")
+    assert erpd.distill_models(scfg) == {"policy": "student", "teacher": "erpd_teacher", "unlearned": "artifact:t/step2"}
+
+
+def test_explained_variance():
+    target = np.array([0.0, 1.0, 1.0, 0.0])
+    assert erpd.explained_variance(target, target) == 1.0
+    assert erpd.explained_variance(np.full(4, 0.5), target) == 0.0
+    np.testing.assert_allclose(erpd.explained_variance(target * 0.5 + 0.25, target), 0.75)
+
+
+def _one_distill_update(devices):
+    mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
+    scfg = common.erpd_distill_stage("student", 1e-2, 1, kl_coef=0.05, entropy_coef=0.01)
+    graphdef, params = nnx.split(tiny_model())
+    tx = stage_common.optimizer(scfg, 1)
+    state = train_state.init_state(params, tx)
+    sh = train_state.state_shardings(state, mesh, None)
+    state = jax.device_put(state, sh)
+    step = stage_common.make_update(erpd.DISTILL, scfg, graphdef, (), tx, sh)
+    batch = hand_batch()
+    batch["advantages"] = np.random.default_rng(3).normal(size=batch["mask"].shape).astype(np.float32)
+    keys = erpd.distill_batch_spec(scfg, 8, 5, 7)
+    with jax.set_mesh(mesh):
+        placed = {k: jax.device_put(jnp.asarray(batch[k]), runtime.sharding.batch_sharding(mesh, batch[k].ndim,
+                                                                                           shape=batch[k].shape))
+                  for k in keys}
+        new, metrics = step(state, placed, None)
+    return jax.device_get(new.params), jax.device_get(metrics)
+
+
+def test_distill_update_on_8_devices_equals_1_device():
+    one_params, one_metrics = _one_distill_update(jax.devices()[:1])
+    eight_params, eight_metrics = _one_distill_update(jax.devices())
+    chex.assert_trees_all_close(one_params, eight_params, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(one_metrics["loss"], eight_metrics["loss"], rtol=1e-5)
+
+
+def _records(workdir, stage):
+    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+            if r["stage"] == stage and "loss" in r]
+
+
+def _smoke(tmp_path, variant, **distill):
+    cfg = toy.get_config(f"smoke,{variant}" if variant else "smoke")
+    with cfg.unlocked():
+        cfg.metrics.plots = False
+        cfg.stages.erpd_distill.update(distill)
+    pipelines.run(cfg, str(tmp_path))
+    return cfg
+
+
+@pytest.mark.parametrize("variant", ["s1", "s2"])
+def test_distill_raises_the_reward_on_the_batch(tmp_path, variant):
+    """Strategies 1 and 2: the surrogate gain mean_t A_t (log pi - log pi_old) on the fixed
+    batch rises from 0 over the distillation updates."""
+    _smoke(tmp_path, variant, steps=6, track_every=2)
+    gains = [r["surrogate_gain"] for r in _records(tmp_path, "erpd_distill@1") if "surrogate_gain" in r]
+    assert len(gains) == 3 and 0 < gains[0] < gains[-1], gains
+    teacher = _records(tmp_path, "erpd_teacher@1")
+    assert (tmp_path / "artifacts" / "erpd_teacher@1" / "batch.npz").exists()
+    assert any("kl_old_k3" in r for r in teacher) and (tmp_path / "models" / "erpd_teacher@1").is_dir()
+
+
+def test_strategy_3_lowers_the_likelihood_of_the_weak_policys_samples(tmp_path):
+    cfg = _smoke(tmp_path, "s3", steps=8)
+    ctx = runtime.make_context(cfg, str(tmp_path))
+    weak = models.load_hf(str(tmp_path / "artifacts" / "erpd_teacher@1" / "step2"))
+    examples = list(ctx.task.examples("train"))[:8]
+    roll = stage_common.sample_rollout(ctx, weak, examples, common.sampling(4, temperature=1.0, max_new_tokens=8),
+                                       seed=0)
+    batch = _jnp(roll.token_arrays())
+
+    def mean_logp(path):
+        logp = scoring.completion_logprobs(models.load_hf(str(path)), batch)
+        return float((np.asarray(logp) * roll.mask).sum() / roll.mask.sum())
+
+    before, after = mean_logp(tmp_path / "models" / "student_sft"), mean_logp(tmp_path / "models" / "erpd_distill@1")
+    assert after < before, (before, after)
