@@ -1,9 +1,11 @@
 """Metrics: one JSON line per step in <workdir>/metrics.jsonl, TensorBoard scalars, optional
 Weights & Biases, and PNG curves per stage at the end.
 
-Each line is {"stage": name, "step": i, <metric>: float, ...}. On resume the lines of the
-stage past the restored step are dropped, so an interrupted-and-resumed run leaves the same
-file as a straight one.
+Each line is {"stage": name, "step": i, <metric>: float, ...}: a step record, or an evaluation
+record (eval_* metrics, written with `replace=True`). On resume the lines of the stage past the
+restored step are dropped and an evaluation repeated after a kill replaces the earlier one, so
+an interrupted-and-resumed run leaves the same file as a straight one: one line per (stage,
+step, kind).
 """
 
 from __future__ import annotations
@@ -38,19 +40,34 @@ class MetricsWriter:
 
             self.wandb = wandb.init(project=wandb_project, name=run_name, dir=workdir, resume="allow")
 
-    def truncate(self, stage: str, last_step: int) -> None:
-        """Drops lines of `stage` with step > last_step (used when resuming)."""
+    def _drop(self, dropped) -> None:
+        """Rewrites the file without the records for which `dropped(record)` is true, and without
+        a line cut short by a kill mid-write."""
         if not os.path.exists(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = [ln for ln in lines
-                if not ((r := json.loads(ln))["stage"] == stage and r["step"] > last_step)]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if not dropped(record):
+                    keep.append(line)
         with open(self.path, "w") as f:
             f.writelines(keep)
 
-    def write(self, stage: str, step: int, metrics: dict) -> None:
+    def truncate(self, stage: str, last_step: int) -> None:
+        """Drops lines of `stage` with step > last_step (used when resuming)."""
+        self._drop(lambda r: r["stage"] == stage and r["step"] > last_step)
+
+    def write(self, stage: str, step: int, metrics: dict, *, replace: bool = False) -> None:
+        """Appends one record; with `replace`, first drops an earlier record of the same stage,
+        step and kind (evaluation or step), e.g. the evaluation of a unit killed while exporting."""
         record = {"stage": stage, "step": int(step), **to_floats(metrics)}
+        if replace:
+            self._drop(lambda r: r["stage"] == stage and r["step"] == record["step"]
+                       and _is_eval(r) == _is_eval(record))
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -63,6 +80,10 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _is_eval(record: dict) -> bool:
+    return any(key.startswith("eval_") for key in record)
 
 
 def read_metrics(workdir: str) -> dict[str, list[dict]]:

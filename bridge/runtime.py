@@ -23,13 +23,24 @@ last stage of each block), the full evaluation and a Hugging Face folder. Raisin
 
 Every random choice derives from `ctx.rng(unit, step, purpose)`: a function of (seed, stage,
 iteration, step, purpose), so iterations of a block never repeat each other's draws.
+
+A workdir holds one run at a time (`workdir_lock`). A run reads every input before it writes
+anything (`_check_inputs`), then records its config; a resume may change only what cannot
+mix results (`_check_workdir_config`): any other change must be named in `--allow_changed`,
+applies from the first unfinished unit (the stopped unit resumes from its last checkpoint with
+it) and is appended to <workdir>/history.jsonl. Each unit's results record the evaluation
+settings it was evaluated with and its skipped non-finite updates.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import os
+import socket
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -37,6 +48,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 from tqdm import tqdm
@@ -45,10 +57,102 @@ from bridge import checkpoint, metrics as metrics_lib, models, sharding
 from bridge.mesh import make_mesh
 
 DONE = "STAGE_DONE"
+LOCK = "LOCK"
+HISTORY = "history.jsonl"
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite updates; the last good checkpoint is intact."""
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used: another run holds it, or it is a file or not writable."""
+
+
+_HELD: dict[str, tuple[str, ...]] = {}  # workdirs whose lock this process holds -> keys allowed to change
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, allow_changed=()):
+    """Holds <workdir>/LOCK (this run's host and pid) while the block runs, so two runs never
+    write one workdir: a second stops at once naming the first. A lock whose run is gone (the
+    same host, its pid not alive: a killed run) is taken over and reported in one line on
+    stderr. Creates the workdir, and removes it again if the run leaves it empty (refused at
+    startup). `allow_changed`: config keys or prefixes this run may change on resume, read by
+    `make_context`. Reentrant within a process."""
+    key = os.path.abspath(workdir)
+    if key in _HELD:
+        yield
+        return
+    created = not os.path.exists(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        _take_lock(os.path.join(workdir, LOCK))
+    except OSError as error:
+        what = "it is a file" if os.path.isfile(workdir) else f"{error.strerror}: {error.filename}"
+        raise WorkdirError(f"Cannot use {workdir} as the workdir: {what}.") from error
+    _HELD[key] = tuple(allow_changed)
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.remove(os.path.join(workdir, LOCK))
+        if created and not os.listdir(workdir):
+            os.rmdir(workdir)
+
+
+def _take_lock(path: str) -> None:
+    """Creates `path` atomically with its content (written aside, then hard-linked into place,
+    which fails if it exists), taking over a lock whose run is gone."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    aside = f"{path}.{me['host']}.{me['pid']}"
+    with open(aside, "w") as f:
+        json.dump(me, f)
+    try:
+        while True:
+            try:
+                os.link(aside, path)
+                return
+            except FileExistsError:
+                pass
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except FileNotFoundError:  # released meanwhile
+                continue
+            except ValueError:  # not written whole by a run of this code
+                owner = {}
+            owner = owner if isinstance(owner, dict) else {}
+            described = f"host {owner.get('host')}, pid {owner.get('pid')}, since {owner.get('since')}"
+            if not _lock_owner_gone(owner):
+                raise WorkdirError(
+                    f"{os.path.dirname(path)} is in use by another run ({described}); nothing was changed. "
+                    f"Wait for it to end or use another --workdir (if that run is gone, remove {path}).")
+            print(f"warning: taking over the lock of a run that is gone ({described}): {path}", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    finally:
+        os.remove(aside)
+
+
+def _lock_owner_gone(owner: dict) -> bool:
+    """True when the lock's run cannot be alive: its pid is not running on this host, or is this
+    process's (which does not hold it: a pid reused after a restart), or the lock was never
+    written whole. A run on another host cannot be looked at and counts as alive."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return True
+    if owner.get("host") != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        pass
+    return False
 
 
 @dataclasses.dataclass
@@ -220,19 +324,46 @@ class Context:
 
 
 def make_context(cfg, workdir: str) -> Context:
-    """Builds mesh, tokenizer, task and metrics writer from the config; checks the workdir."""
+    """Builds mesh, tokenizer, task and metrics writer from the config. Every input is read
+    (`_check_inputs`) before anything is written; then the workdir's config is checked and
+    recorded (`_check_workdir_config`, with the changes allowed by the `workdir_lock` held)."""
     from bridge import tasks  # heavy imports only when a run starts
 
+    ctx = Context(cfg=cfg, workdir=workdir, mesh=make_mesh(tuple(cfg.mesh.shape)),
+                  rules=sharding.as_rules(cfg.mesh.rules) or sharding.DEFAULT_RULES,
+                  tokenizer=tokenizer_from_spec(cfg.tokenizer),
+                  task=tasks.get_task(cfg.task.name, **cfg.task.options.to_dict()), writer=None)
+    _check_inputs(ctx)
     os.makedirs(workdir, exist_ok=True)
-    _check_workdir_config(cfg, workdir)
-    mesh = make_mesh(tuple(cfg.mesh.shape))
-    rules = sharding.as_rules(cfg.mesh.rules)
-    tokenizer = tokenizer_from_spec(cfg.tokenizer)
-    task = tasks.get_task(cfg.task.name, **cfg.task.options.to_dict())
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard,
-                                       wandb_project=cfg.metrics.get("wandb_project") or None)
-    return Context(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules or sharding.DEFAULT_RULES,
-                   tokenizer=tokenizer, task=task, writer=writer)
+    _check_workdir_config(cfg, workdir, _HELD.get(os.path.abspath(workdir), ()))
+    ctx.writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard,
+                                           wandb_project=cfg.metrics.get("wandb_project") or None)
+    return ctx
+
+
+def _check_inputs(ctx: Context) -> None:
+    """Reads what the run will read, so a bad input stops it at startup with one message (naming
+    the file and line or tensor) and the corrected command starts clean: the train split of the
+    run's task and of each stage with its own task options, the test split when a unit
+    evaluates, and each model folder a stage loads (config.json, safetensors headers, tensor
+    names; the weights are checked finite when loaded)."""
+    from bridge import stages
+    from bridge.models import hf_io
+
+    units = pipeline_units(ctx.cfg)
+    for scfg in {unit.stage: scfg for unit, scfg, _ in units}.values():
+        ctx.stage_task(scfg).examples("train")
+    if int(ctx.cfg.eval.num_prompts) and any(export for *_, export in units):
+        ctx.task.examples("test")
+    folders = set()
+    for _, scfg, _ in units:
+        for ref in stages.kind(scfg.kind).models(scfg).values():
+            if ref.startswith("hf:"):
+                folders.add(ref[3:])
+            elif ref in ctx.cfg.models and ctx.cfg.models[ref].get("hf_dir"):
+                folders.add(ctx.cfg.models[ref].hf_dir)
+    for folder in sorted(folders):
+        hf_io.check_hf_dir(folder)
 
 
 def tokenizer_from_spec(spec: str):
@@ -242,24 +373,81 @@ def tokenizer_from_spec(spec: str):
     return models.load_tokenizer(spec)
 
 
-def _check_workdir_config(cfg, workdir: str) -> None:
-    """A workdir belongs to one experiment: refuse to resume under a different one. Evaluation,
-    metrics and checkpoint settings may change, and so may a block's `repeat` (raising it runs
-    the new iterations)."""
+def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> None:
+    """A workdir belongs to one experiment: refuse to resume under a different one. Metrics and
+    checkpoint settings may change, and so may a block's `repeat` (raising it runs the new
+    iterations); evaluation settings too until a unit has been evaluated (the units' results
+    must not mix settings). Any other change must be allowed by `allow_changed` (a key, or a
+    prefix such as "eval"); it applies from the first unfinished unit and is appended, with the
+    evaluation changes, to history.jsonl."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(cfg.to_json_best_effort(sort_keys=True))
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        changed = sorted(_diff(saved, current))
-        structural = [k for k in changed if not k.startswith(("eval.", "metrics.", "checkpoint."))
-                      and not (k.startswith("pipeline.blocks.") and k.endswith(".repeat"))]
-        if structural:
+        changed = [k for k in sorted(_diff(saved, current)) if not k.startswith(("metrics.", "checkpoint."))
+                   and not (k.startswith("pipeline.blocks.") and k.endswith(".repeat"))]
+        finished = _finished_units(workdir)
+        evaluated = [u for u, exported in finished.items() if exported]
+        refused = [k for k in changed if not (k.startswith("eval.") and not evaluated)
+                   and not any(k == a or k.startswith(a + ".") for a in allow_changed)]
+        if refused:
+            why = (f"; the finished units {', '.join(evaluated)} were evaluated with the saved eval settings"
+                   if any(k.startswith("eval.") for k in refused) else "")
             raise checkpoint.CheckpointError(
-                f"{workdir} holds a run of a different config (changed: {', '.join(structural[:10])}). "
-                "Nothing was changed: resume with the same config, or use a new --workdir.")
+                f"{workdir} holds a run of a different config (changed: {', '.join(refused[:10])}){why}. "
+                "Nothing was changed: resume with the same config, use a new --workdir, or allow the change "
+                f"with --allow_changed={','.join(refused[:10])} (it applies from the first unfinished unit "
+                f"and is recorded in {HISTORY}).")
+        if changed:
+            first = next((u.id for u, _, _ in pipeline_units(cfg) if u.id not in finished), None)
+            entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_unit": first,
+                     "changed": {k: [_get(saved, k), _get(current, k)] for k in changed}}
+            with open(os.path.join(workdir, HISTORY), "a") as f:
+                f.write(json.dumps(entry) + "\n")
     with open(path, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)
+
+
+def _finished_units(workdir: str) -> dict[str, bool]:
+    """unit id -> whether it exported (and so was evaluated), for every finished unit."""
+    out = {}
+    root = os.path.join(workdir, "stages")
+    for unit_id in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if os.path.exists(os.path.join(root, unit_id, "DONE.json")):
+            with open(os.path.join(root, unit_id, "DONE.json")) as f:
+                out[unit_id] = bool(json.load(f).get("exported"))
+    return out
+
+
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _config_fingerprints(ctx: Context, unit: Unit, scfg) -> set[str]:
+    """Fingerprints of `unit`'s stage config now and before each change in history.jsonl, so a
+    checkpoint written before an allowed change restores (and the stopped unit resumes with it)."""
+    out = {checkpoint.fingerprint(scfg.to_dict())}
+    path = os.path.join(ctx.workdir, HISTORY)
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    config = json.loads(ctx.cfg.to_json_best_effort(sort_keys=True))
+    for entry in reversed(entries):
+        config = copy.deepcopy(config)
+        for key, (old, _) in entry["changed"].items():
+            *parents, last = key.split(".")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = old
+        stage_cfg = ml_collections.ConfigDict(config)["stages"].get(unit.stage)
+        if stage_cfg is not None:
+            out.add(checkpoint.fingerprint(for_iteration(stage_cfg, unit.iteration).to_dict()))
+    return out
 
 
 def _diff(a, b, prefix=""):
@@ -326,13 +514,14 @@ def run_pipeline(cfg, workdir: str) -> Context:
     from bridge import stages
 
     units = pipeline_units(cfg)
-    ctx = make_context(cfg, workdir)
-    try:
-        for unit, scfg, export in units:
-            run_stage(ctx, unit, scfg, stages.kind(scfg.kind), export=export)
-    finally:
-        ctx.current = None
-        ctx.writer.close()
+    with workdir_lock(workdir):
+        ctx = make_context(cfg, workdir)
+        try:
+            for unit, scfg, export in units:
+                run_stage(ctx, unit, scfg, stages.kind(scfg.kind), export=export)
+        finally:
+            ctx.current = None
+            ctx.writer.close()
     return ctx
 
 
@@ -359,12 +548,15 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     state, start = program.state, 0
     latest = ckpts.latest_step()
     if latest is not None:
-        state, meta = ckpts.restore(latest, program.state, expect)
+        accepted = {**expect, "config": _config_fingerprints(ctx, unit, scfg)}
+        state, meta = ckpts.restore(latest, program.state, accepted)
         if program.data is not None:
             program.data.set_state(meta["data"])
         start = latest
     ctx.writer.truncate(unit.id, start)  # records of steps after the checkpoint (a killed run) go
     total = int(scfg.steps)
+    if latest is not None and meta.get("stopped"):  # ended early by its own stopping rule, then killed
+        total = start
     every = int(ctx.cfg.checkpoint.every)
     max_nonfinite = int(ctx.cfg.checkpoint.get("max_nonfinite", 3))
     _write_cursor(ctx, unit.id, start)
@@ -380,12 +572,19 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
                 raise NonFiniteError(
                     f"Stage {unit.id!r}: {int(state.skipped)} consecutive non-finite losses/gradients at step "
                     f"{step + 1}; stopped. The last good checkpoint in {ckpts.directory} is intact. "
-                    "Lower the learning rate or check the data.")
+                    "Lower the learning rate or check the data, and resume naming the change: "
+                    f"--config.stages.{unit.stage}.optimizer.lr=... "
+                    f"--allow_changed=stages.{unit.stage}.optimizer.lr")
+            stop = bool(step_metrics.pop("stop", 0.0))  # a stage's stopping rule ends it early
             ctx.writer.write(unit.id, step + 1, step_metrics)
-            if (step + 1) % every == 0 or step + 1 == total:
+            if (step + 1) % every == 0 or step + 1 == total or stop:
                 data_state = program.data.get_state() if program.data is not None else None
-                ckpts.save(step + 1, state, {**expect, "data": data_state, "stage": unit.id, "step": step + 1})
+                ckpts.save(step + 1, state, {**expect, "data": data_state, "stage": unit.id, "step": step + 1,
+                                             "stopped": stop})
                 _write_cursor(ctx, unit.id, step + 1)
+            if stop:
+                total = step + 1  # the evaluation record carries the step the stage ended at
+                break
     model = nnx.merge(program.graphdef, state.params)
     ctx.slots[slot] = model
     if os.path.exists(done):  # finished before (not exported): restored from its last checkpoint
@@ -393,9 +592,13 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
             ctx.results[unit.id] = json.load(f)["results"]
         return
     stage_results = {}
-    if export:
+    if export:  # a kill from here to DONE evaluates again on resume: the record is replaced
         stage_results = evaluate_slot(ctx, model)
-        ctx.writer.write(unit.id, total, {f"eval_{k}": v for k, v in stage_results.items()})
+        if stage_results:
+            ctx.writer.write(unit.id, total, {f"eval_{k}": v for k, v in stage_results.items()}, replace=True)
+        stage_results["eval"] = ctx.cfg.eval.to_dict()
+    stage_results["nonfinite_skipped_updates"] = _skipped_updates(ctx, unit)
+    if export:
         models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(stage_results, f, indent=2)
@@ -405,6 +608,13 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     with open(done + ".tmp", "w") as f:
         json.dump({"results": stage_results, "exported": export, "iteration": unit.iteration}, f)
     os.replace(done + ".tmp", done)
+
+
+def _skipped_updates(ctx: Context, unit: Unit) -> float:
+    """The unit's updates skipped for a non-finite loss or gradient: the sum over its steps of
+    `update_skipped` (the fraction of the step's updates skipped; a count at one update a step)."""
+    total = sum(r.get("update_skipped", 0.0) for r in metrics_lib.read_metrics(ctx.workdir).get(unit.id, []))
+    return int(total) if total == int(total) else total
 
 
 def memory_metrics() -> dict:
@@ -426,21 +636,29 @@ def _write_cursor(ctx: Context, stage: str, step: int) -> None:
 
 def evaluate_slot(ctx: Context, model) -> dict:
     """avg@n accuracy (greedy by default), pass@n, response length and entropy on the first
-    `eval.num_prompts` test prompts, sampled as config.eval says."""
+    `eval.num_prompts` test prompts, sampled as config.eval says; with `eval.kl_reference` (a
+    model reference, e.g. the base model) also the KL to it along the sampled completions
+    (`bridge.evaluation.runner`: exact over the vocabulary, summed per completion and per token)."""
     from bridge.evaluation import runner
 
     ecfg = ctx.cfg.eval
     if not int(ecfg.num_prompts):
         return {}
     n = int(ecfg.get("n", 1))
+    reference = None
+    if ecfg.get("kl_reference"):  # the unit that makes the reference compares against itself (KL 0)
+        own = ctx.current is not None and ctx.resolve(ecfg.kl_reference) == f"stage:{ctx.current.id}"
+        reference = model if own else ctx.model(ecfg.kl_reference)
     out = runner.evaluate(model, ctx.tokenizer, ctx.task, n=n, temperature=float(ecfg.get("temperature", 0.0)),
                           top_p=float(ecfg.get("top_p", 1.0)), top_k=int(ecfg.get("top_k", 0)),
                           max_new_tokens=int(ecfg.max_new_tokens), limit=int(ecfg.num_prompts),
                           batch_size=int(ecfg.batch_size), eos_ids=ctx.eos_ids, mesh=ctx.mesh,
-                          rules=ctx.rules, progress=False, seed=int(ctx.cfg.seed))
+                          rules=ctx.rules, progress=False, seed=int(ctx.cfg.seed), reference_model=reference)
     m = out["metrics"]
-    return {"accuracy": m[f"avg@{n}"], f"pass@{n}": m[f"pass@{n}"], "response_length": m["mean_response_length"],
-            "entropy": m["mean_token_entropy"]}
+    results = {"accuracy": m[f"avg@{n}"], f"pass@{n}": m[f"pass@{n}"], "response_length": m["mean_response_length"],
+               "entropy": m["mean_token_entropy"]}
+    results.update({k: m[k] for k in ("kl_to_reference", "kl_to_reference_per_token") if k in m})
+    return results
 
 
 def decode_completions(tokenizer, tokens, mask, eos_ids) -> list[str]:

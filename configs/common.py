@@ -35,7 +35,9 @@ def base() -> ml_collections.ConfigDict:
     # run `repeat` times in order; see bridge.runtime.run_pipeline)
     c.pipeline = cd(name="stages", stages=(), blocks=ml_collections.ConfigDict())
     c.stages = ml_collections.ConfigDict()
-    c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16, n=1, temperature=0.0, top_p=1.0, top_k=0)
+    # kl_reference: a model reference (e.g. "stage:student_sft", the base) to report the KL to
+    c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16, n=1, temperature=0.0, top_p=1.0, top_k=0,
+                kl_reference="")
     c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
     c.metrics = cd(tensorboard=True, wandb_project="", progress=True, plots=True)
     return c
@@ -75,7 +77,7 @@ def sft_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigD
     s = cd(kind="sft", model=model, init="", steps=steps, source="teacher", teacher="teacher",
            loss="forward_kl", teacher_temperature=1.0, task_options=ml_collections.ConfigDict(), pool_file="",
            pool_prompts=0, sampling=sampling(), sample_batch_size=64, batch_size=256, microbatches=1,
-           optimizer=optimizer(lr))
+           until_accuracy=0.0, check_every=10, check_prompts=256, optimizer=optimizer(lr))
     s.update(kw)
     return s
 

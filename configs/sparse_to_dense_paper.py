@@ -46,8 +46,9 @@ def model(name: str, **arch) -> ml_collections.ConfigDict:
 
 
 def qwen3(**kw) -> dict:
-    return dict(family="qwen3", qk_norm=True, vocab_size=151936, head_dim=128, rope_theta=1_000_000.0,
-                rms_norm_eps=1e-6, max_position_embeddings=40960, **kw)
+    """Qwen3's architecture defaults, overridden by `kw` (rope_theta, context length, ...)."""
+    return {"family": "qwen3", "qk_norm": True, "vocab_size": 151936, "head_dim": 128, "rope_theta": 1_000_000.0,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, **kw}
 
 
 def llama3(**kw) -> dict:

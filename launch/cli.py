@@ -1,17 +1,43 @@
-"""Shared launcher plumbing: one line and a non-zero exit for every user error, no traceback."""
+"""Shared launcher plumbing: one line and a non-zero exit for every failure, the traceback only
+with --debug; Ctrl-C exits 130 saying where the run will resume."""
 
 import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 
 from absl import flags
 
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the full traceback instead of one line.")
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+
+def fail(message: str, code: int = 2) -> None:
+    """Prints `message` as one line on stderr and exits with `code`."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print("error: " + " ".join(lines), file=sys.stderr)
+    sys.exit(code)
+
+
+def _exit_interrupted(message: str) -> None:
+    """Prints the one line and exits 130 at once: the interpreter's teardown after an interrupt
+    can crash inside XLA (a compile cut off), and by now the run has closed what it wrote."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
+
+
+def _redeliver_interrupt(unraisable) -> None:
+    """A Ctrl-C that lands in a garbage-collector callback (jax has one) is swallowed there
+    with a traceback; deliver it again, from a thread, once the callback has returned."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        again.daemon = True
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 def _config_arg(argv) -> str | None:
@@ -36,7 +62,9 @@ def _last_error_line(text: str) -> str:
 
 def parse_flags(argv):
     """absl's parser; a missing config file, an unknown variant and an unknown or invalid
-    `--config.*` override each end in one line naming the file, variant or key (exit 2)."""
+    `--config.*` override each end in one line naming the file, variant or key (exit 2). Ctrl-C
+    from here until `user_errors` takes over (imports) exits 130 with one line."""
+    signal.signal(signal.SIGINT, lambda *_: _exit_interrupted("interrupted at startup; nothing was run"))
     config = _config_arg(argv)
     if config is not None:
         path = config.split(":", 1)[0]
@@ -57,15 +85,37 @@ def parse_flags(argv):
 
 
 @contextlib.contextmanager
-def user_errors():
-    """ValueError/FileNotFoundError/CheckpointError/NonFiniteError -> one line, exit 2."""
+def user_errors(workdir: str | None = None):
+    """Every failure ends in one line on stderr, the traceback only with --debug: a user's error
+    (config, data, weights, workdir, checkpoint, a non-finite stop) exits 2, an unexpected one 1,
+    and Ctrl-C 130, saying where running the same command resumes (from <workdir>/cursor.json)."""
     from bridge.checkpoint import CheckpointError
-    from bridge.runtime import NonFiniteError
+    from bridge.runtime import NonFiniteError, WorkdirError
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _redeliver_interrupt
     try:
         yield
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, TypeError) as error:
-        fail(str(error))
+    except (KeyboardInterrupt, Exception) as error:
+        if flags.FLAGS.is_parsed() and _DEBUG.value:
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            _exit_interrupted("interrupted" + (f"; {_resume_point(workdir)}" if workdir else ""))
+        if isinstance(error, (ValueError, OSError, TypeError, CheckpointError, NonFiniteError, WorkdirError)):
+            fail(str(error))
+        fail(f"{type(error).__name__}: {error} (unexpected; --debug shows the traceback)", code=1)
+
+
+def _resume_point(workdir: str) -> str:
+    """Where the same command resumes: the unit named by <workdir>/cursor.json, from its last
+    checkpoint."""
+    cursor = os.path.join(workdir, "cursor.json")
+    if not os.path.exists(cursor):
+        return "no stage had started; running the same command starts the run"
+    with open(cursor) as f:
+        state = json.load(f)
+    start = f"its checkpoint at step {state['step']}" if state["step"] else "its start"
+    return f"running the same command resumes stage {state['stage']} from {start}"
 
 
 def format_summary(summary: dict) -> str:

@@ -4,6 +4,12 @@ Parameter names follow transformers' Llama/Qwen layout. Linear kernels are store
 there and [in, out] here, so they are transposed on the way in and out. Loading streams one
 tensor at a time from the safetensors files onto its devices, so host memory stays near one
 tensor, and the model is built abstractly (`nnx.eval_shape`) so no random init is spent.
+
+A broken folder raises one ValueError (FileNotFoundError when a file is missing) naming the
+file and, where there is one, the key, line or tensor: unreadable JSON, a config.json without
+a required key, a truncated or empty safetensors file, missing, unexpected or misshapen
+tensors, and NaN/inf weights (checked as each tensor loads). `check_hf_dir` runs every check
+but the last without reading any weights, for validation before a run writes anything.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from bridge.models.config import ModelConfig
@@ -53,11 +59,28 @@ def iter_params(model: Decoder) -> Iterator[tuple[tuple, nnx.Param]]:
             yield tuple(path), node
 
 
+def read_json(path: str):
+    """A JSON file's value; malformed JSON raises one ValueError naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}).") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {error.start}).") from error
+
+
+def _safe_open(file: str):
+    try:
+        return safe_open(file, framework="flax")
+    except SafetensorError as error:
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or damaged ({error}).") from error
+
+
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
         return [os.path.join(path, x) for x in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
@@ -72,35 +95,30 @@ def read_config(path: str, *, dtype=jnp.float32, param_dtype=None) -> ModelConfi
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model folder?")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+    hf = read_json(cfg_path)
+    try:
+        cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+    except KeyError as error:
+        raise ValueError(f"{cfg_path}: missing required key {error.args[0]!r}.") from error
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{cfg_path}: {error}") from error
     gen = os.path.join(path, "generation_config.json")
     if os.path.exists(gen):
-        with open(gen) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = read_json(gen).get("eos_token_id")
         if eos is not None:
             cfg = cfg.replace(eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
     return cfg
 
 
-def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None,
-            remat: bool = False, scan_layers: bool = False) -> Decoder:
-    """Loads a transformers checkpoint folder (config.json + safetensors) into a `Decoder`.
-
-    dtype is the compute dtype; param_dtype defaults to it; remat recomputes each block's
-    activations in the backward pass (long sequences); scan_layers stacks the blocks and
-    scans them (host memory then peaks near one stacked parameter). With `mesh` (and logical-axis
-    `rules`), every tensor is placed straight onto its shards. A missing or unexpected tensor
-    or a shape mismatch raises one ValueError naming every offending tensor.
-    """
-    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype).replace(remat=remat, scan_layers=scan_layers)
+def _locate(path: str, cfg: ModelConfig):
+    """(abstract model, its parameters by path, tensor name -> file) of a checkpoint folder;
+    raises ValueError naming every missing or unexpected tensor."""
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     params = dict(iter_params(model))
     expected = {name for p in params for name in hf_tensors(p, cfg)[0]}
     location = {}
     for file in _weight_files(path):
-        with safe_open(file, framework="flax") as f:
+        with _safe_open(file) as f:
             for key in f.keys():
                 location[key] = file
     missing = sorted(set(expected) - set(location))
@@ -110,34 +128,59 @@ def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=
     if missing or unexpected:
         raise ValueError(f"Checkpoint {path} does not match the {cfg.family} architecture: "
                          f"missing tensors {missing}; unexpected tensors {unexpected}.")
-    mismatched = []
+    return model, params, location
+
+
+def check_hf_dir(path: str) -> None:
+    """Checks a model folder without loading weights: its config.json, every safetensors
+    header and the tensor names against the architecture (see the module docstring)."""
+    _locate(path, read_config(path))
+
+
+def load_hf(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None,
+            remat: bool = False, scan_layers: bool = False) -> Decoder:
+    """Loads a transformers checkpoint folder (config.json + safetensors) into a `Decoder`.
+
+    dtype is the compute dtype; param_dtype defaults to it; remat recomputes each block's
+    activations in the backward pass (long sequences); scan_layers stacks the blocks and
+    scans them (host memory then peaks near one stacked parameter). With `mesh` (and logical-axis
+    `rules`), every tensor is placed straight onto its shards. A missing or unexpected tensor,
+    a shape mismatch or NaN/inf values raise one ValueError naming every offending tensor.
+    """
+    cfg = read_config(path, dtype=dtype, param_dtype=param_dtype).replace(remat=remat, scan_layers=scan_layers)
+    model, params, location = _locate(path, cfg)
+    bad = []
     with contextlib.ExitStack() as files:
-        handles = {file: files.enter_context(safe_open(file, framework="flax")) for file in set(location.values())}
+        handles = {file: files.enter_context(_safe_open(file)) for file in set(location.values())}
         for ppath, var in params.items():
             names, transpose, stacked = hf_tensors(ppath, cfg)
             sources = [(name, handles[location[name]]) for name in names]
-            mismatched += _load_param(var, sources, transpose, stacked, cfg.param_dtype, mesh, rules)
-    if mismatched:
-        raise ValueError(f"Checkpoint {path} has tensors of the wrong shape: {mismatched}.")
+            bad += _load_param(var, sources, transpose, stacked, cfg.param_dtype, mesh, rules)
+    if bad:
+        raise ValueError(f"Checkpoint {path} has tensors of the wrong shape or with NaN/inf values: {bad}.")
     return model
 
 
 def _load_param(var, sources, transpose: bool, stacked: bool, dtype, mesh, rules) -> list[str]:
     """Reads one parameter's tensors [(name, open file)] into `var` (stacking layers when
-    `stacked`, placing it on its shards with a mesh); returns the shape mismatches."""
+    `stacked`, placing it on its shards with a mesh); returns the tensors of the wrong shape
+    or with non-finite values."""
     from bridge import sharding  # local: sharding imports models for abstract shapes
 
     want = tuple(var.shape)[1:] if stacked else tuple(var.shape)
     want = want[::-1] if transpose else want
-    pieces, mismatched = [], []
+    pieces, bad = [], []
     for name, f in sources:
         tensor = f.get_tensor(name)
         if tuple(tensor.shape) != want:
-            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
+            bad.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
+            continue
+        if not bool(jnp.isfinite(tensor).all()):
+            bad.append(f"{name}: NaN/inf values")
             continue
         pieces.append((tensor.T if transpose else tensor).astype(dtype))
-    if mismatched:
-        return mismatched
+    if bad:
+        return bad
     tensor = jnp.stack(pieces) if stacked else pieces[0]
     del pieces
     if mesh is not None:

@@ -12,6 +12,8 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from bridge.models.hf_io import read_json
+
 CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -29,11 +31,20 @@ def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Loads the tokenizer saved in a model folder (tokenizer.json + tokenizer_config.json)."""
+    """Loads the tokenizer saved in a model folder (tokenizer.json + tokenizer_config.json). A
+    damaged folder raises one ValueError naming the file (and line, for malformed JSON) instead
+    of transformers' chain of tracebacks."""
     if not os.path.exists(os.path.join(path, "tokenizer.json")) and not os.path.exists(
             os.path.join(path, "tokenizer_config.json")):
         raise FileNotFoundError(f"No tokenizer in {path} (expected tokenizer.json).")
-    return AutoTokenizer.from_pretrained(path)
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(path, name)):
+            read_json(os.path.join(path, name))
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # transformers raises many types for a damaged folder
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"Cannot load the tokenizer in {path}: {type(error).__name__}: {first}") from error
 
 
 def eos_ids(tokenizer, model_dir: str | None = None) -> tuple[int, ...]:

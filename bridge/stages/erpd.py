@@ -122,6 +122,13 @@ def fixed_batch(ctx: runtime.Context, unit, scfg, model) -> dict:
     return batch
 
 
+def k3_kl(logp, old_logp, mask) -> float:
+    """Schulman's k3 estimate of KL(pi_old || pi) per token on pi_old's samples (float64)."""
+    mask = np.asarray(mask, np.float64)
+    log_ratio = np.where(mask > 0, np.asarray(logp, np.float64) - np.asarray(old_logp, np.float64), 0.0)
+    return float(((np.exp(log_ratio) - 1 - log_ratio) * mask).sum() / mask.sum())
+
+
 def batch_statistics(logp, entropy, batch, old_logp) -> dict:
     """What the teacher stage tracks on the whole fixed batch (see the module docstring)."""
     mask = np.asarray(batch["mask"], np.float64)
@@ -296,9 +303,7 @@ def distill_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
             logp = np.asarray(score(state.params, placed), np.float64)
             m = np.asarray(batch["mask"], np.float64)
             gain = (np.asarray(batch["advantages"]) * (logp - batch["old_logp"]) * m).sum() / m.sum()
-            log_ratio = np.where(m > 0, logp - batch["old_logp"], 0.0)
-            metrics.update(surrogate_gain=float(gain),
-                           kl_old_k3=float(((np.exp(log_ratio) - 1 - log_ratio) * m).sum() / m.sum()))
+            metrics.update(surrogate_gain=float(gain), kl_old_k3=k3_kl(logp, batch["old_logp"], m))
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, None)

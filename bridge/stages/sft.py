@@ -11,6 +11,10 @@ Loss:
   loss="cross_entropy": -mean_t log p_S(y_t | x, y<t) on the pool's tokens (SeqKD / SFT).
 Rows are drawn by a seeded permutation per epoch (`ctx.np_rng`), so the batch at step i is a
 function of (seed, stage, iteration, i).
+Stopping rule: with until_accuracy > 0, every `check_every` steps the greedy accuracy on the
+last `check_prompts` training examples (held out of the pool) is measured and logged
+(`validation_accuracy`); the stage ends at the first check that reaches until_accuracy, or at
+`steps`. A controlled starting skill, instead of a fixed step count on the edge of a skill jump.
 """
 
 from __future__ import annotations
@@ -65,13 +69,30 @@ def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, unit) -> dict:
     return {**roll.token_arrays(), "rewards": roll.rewards}
 
 
+def split_validation(task, scfg) -> tuple[list, list]:
+    """(pool examples, validation examples): with a stopping rule (`until_accuracy` > 0) the
+    last `check_prompts` training examples are held out of the pool to decide when to stop."""
+    examples = list(task.examples("train"))
+    held = int(scfg.check_prompts) if scfg.get("until_accuracy", 0.0) > 0 else 0
+    if held >= len(examples):
+        raise ValueError(f"check_prompts={held} leaves no training examples ({len(examples)} in the split).")
+    return (examples[:-held], examples[-held:]) if held else (examples, [])
+
+
+def validation_accuracy(ctx, model, examples, scfg) -> float:
+    """Greedy accuracy of `model` on held-out training examples (the stopping rule's measure)."""
+    greedy = scfg.sampling.copy_and_resolve_references()
+    greedy.update(n=1, temperature=0.0)
+    return float(common.sample_rollout(ctx, model, examples, greedy, seed=0).correct.mean())
+
+
 def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
     path = os.path.join(ctx.workdir, "stages", unit.id, "pool.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             return dict(f)
     task = ctx.stage_task(scfg)
-    examples = list(task.examples("train"))
+    examples, _ = split_validation(task, scfg)
     if scfg.pool_prompts:
         examples = examples[: int(scfg.pool_prompts)]
     if scfg.get("pool_file"):
@@ -140,6 +161,8 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     if bs > rows:
         raise ValueError(f"Stage {unit.id!r}: batch_size {bs} exceeds the pool's {rows} rows.")
 
+    _, validation = split_validation(ctx.stage_task(scfg), scfg)
+
     def step(state, i):
         idx = common.pool_rows(ctx, unit, i, rows, bs)
         batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.Rollout.TOKEN_KEYS})
@@ -147,6 +170,9 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))
         if "rewards" in pool:
             metrics["pool_reward"] = float(pool["rewards"][idx].mean())
+        if validation and (i + 1) % int(scfg.check_every) == 0:
+            accuracy = validation_accuracy(ctx, common.current_model(trainer, state), validation, scfg)
+            metrics.update(validation_accuracy=accuracy, stop=float(accuracy >= scfg.until_accuracy))
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, None)

@@ -8,6 +8,8 @@ Files, in the layouts the public releases use on the Hugging Face hub:
 A path may be a file, a directory (every supported file in it, sorted) or a glob pattern.
 TFDS: `load_tfds(name, split, data_dir)` reads an already prepared builder with
 `tfds.data_source` (array_record format), decoding bytes fields to str.
+A malformed file (bad JSON or UTF-8, a record that is not an object, no records) raises one
+ValueError naming the file and the line (JSONL, JSON) or record number.
 """
 
 from __future__ import annotations
@@ -36,34 +38,89 @@ def _files(path: str) -> list[str]:
     return files
 
 
-def _read_file(path: str) -> list[dict[str, Any]]:
+def _read_file(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) for every record of one file; `where` names the file and the line
+    (JSONL) or record number, and so does the one ValueError a malformed file raises."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            line = raw[:error.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not valid UTF-8.") from error
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}).") from error
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}.")
-        return data
+        return _objects(path, "record", data)
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"{path}: not a readable parquet file ({error}).") from error
+        return _objects(path, "row", rows)
     if path.endswith(".array_record"):
         import grain.python as grain_python
 
         source = grain_python.ArrayRecordDataSource([path])
-        return [json.loads(source[i]) for i in range(len(source))]
+        out = []
+        for i in range(len(source)):
+            try:
+                out.append(json.loads(source[i]))
+            except ValueError as error:  # JSON or UTF-8
+                raise ValueError(f"{path} (record {i + 1}): not a JSON object ({error}).") from error
+        return _objects(path, "record", out)
     raise ValueError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}.")
 
 
-def load_records(path: str) -> list[dict[str, Any]]:
-    """All records under `path` (file, directory or glob), in file order."""
+def _read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line).") from error
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg}, column {error.colno}).") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got a {type(record).__name__}.")
+            out.append((where, record))
+    return out
+
+
+def _objects(path: str, what: str, items: list) -> list[tuple[str, dict[str, Any]]]:
+    """Numbers the records of a file that has no lines; each must be an object."""
+    out = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path} ({what} {i}): expected a JSON object, got a {type(item).__name__}.")
+        out.append((f"{path} ({what} {i})", item))
+    return out
+
+
+def load_located_records(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) for all records under `path` (file, directory or glob), in file order;
+    `where` is "file:line" for JSONL and "file (record i)" otherwise."""
     records = []
     for file in _files(path):
         records.extend(_read_file(file))
     return records
+
+
+def load_records(path: str) -> list[dict[str, Any]]:
+    """All records under `path` (file, directory or glob), in file order."""
+    return [record for _, record in load_located_records(path)]
 
 
 def _decode(value):
@@ -90,14 +147,21 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> list[dict[s
 
 def load_split_records(
     split: str, *, paths: dict[str, str | None], tfds_name: str | None, tfds_data_dir: str | None, task: str
-) -> list[dict[str, Any]]:
-    """Records for `split` from `paths[split]` if set, else from TFDS `tfds_name`."""
+) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) for `split` from `paths[split]` if set, else from TFDS `tfds_name`; a split
+    without records is an error naming its source."""
     path = paths.get(split)
     if path:
-        return load_records(path)
-    if tfds_name:
-        return load_tfds(tfds_name, split, tfds_data_dir)
-    raise ValueError(
-        f"Task {task!r}: no data for split {split!r}; pass {split}_path=<jsonl|parquet|"
-        f"json|array_record file or folder> or tfds_name=<prepared TFDS builder>."
-    )
+        records = load_located_records(path)
+    elif tfds_name:
+        records = [(f"TFDS {tfds_name} split {split} (record {i + 1})", r)
+                   for i, r in enumerate(load_tfds(tfds_name, split, tfds_data_dir))]
+    else:
+        raise ValueError(
+            f"Task {task!r}: no data for split {split!r}; pass {split}_path=<jsonl|parquet|"
+            f"json|array_record file or folder> or tfds_name=<prepared TFDS builder>."
+        )
+    if not records:
+        raise ValueError(f"{path or f'TFDS {tfds_name}'}: no records for split {split!r} of task {task!r} "
+                         "(an empty file?).")
+    return records

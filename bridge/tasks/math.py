@@ -210,14 +210,20 @@ def _first(record: dict[str, Any], keys: tuple[str, ...], default=None):
 
 
 def gsm8k_example(record: dict[str, Any], index: int, split: str, instruction: str) -> Example:
-    """GSM8K: {"question", "answer": "steps with <<calc>> notes\\n#### 72"}."""
-    full = str(record["answer"])
-    steps, _, final = full.rpartition("####")
+    """GSM8K: {"question", "answer": "steps with <<calc>> notes\\n#### 72"}; a record without a
+    question, or without an answer that ends in "#### <final answer>", raises ValueError."""
+    question, full = record.get("question"), record.get("answer")
+    if not isinstance(question, str) or not isinstance(full, str):
+        raise ValueError(f"a GSM8K record needs \"question\" and \"answer\" strings (got keys {sorted(record)}, "
+                         f"answer {full!r:.40}).")
+    steps, sep, final = full.rpartition("####")
     answer = final.strip().replace(",", "")
+    if not sep or not answer:
+        raise ValueError(f"the GSM8K answer does not end in \"#### <final answer>\": {full[-60:]!r}.")
     solution = re.sub(r"<<[^>]*>>", "", steps).strip() + f"\nThe answer is \\boxed{{{answer}}}."
     return Example(
         id=f"{split}/{index:06d}",
-        prompt=f"{record['question'].strip()}\n{instruction}",
+        prompt=f"{question.strip()}\n{instruction}",
         answer=answer,
         solution=solution,
     )
@@ -225,7 +231,9 @@ def gsm8k_example(record: dict[str, Any], index: int, split: str, instruction: s
 
 def math_example(record: dict[str, Any], index: int, split: str, instruction: str) -> Example:
     """MATH / MATH-500 / AIME: {"problem"|"question", "solution"?, "answer"?, id fields?}."""
-    problem = str(_first(record, ("problem", "Problem", "question", "Question")))
+    problem = _first(record, ("problem", "Problem", "question", "Question"))
+    if not isinstance(problem, str):
+        raise ValueError(f"record {index} of split {split!r} has no problem text (keys: {sorted(record)}).")
     solution = _first(record, ("solution", "Solution"))
     answer = _first(record, ("answer", "Answer"))
     if answer is None and solution is not None:
@@ -268,7 +276,13 @@ def _math_family_task(
         records = loaders.load_split_records(
             split, paths=paths, tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, task=name
         )
-        return [to_example(r, i, split, instruction) for i, r in enumerate(records[:limit])]
+        examples = []
+        for i, (where, record) in enumerate(records[:limit]):
+            try:
+                examples.append(to_example(record, i, split, instruction))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+        return examples
 
     return Task(
         name=name,

@@ -36,6 +36,7 @@ def get_config(arg=None):
     c = common.base()
     for key in ("tokenizer", "task", "eval", "checkpoint", "metrics"):
         c[key] = base[key]
+    c.eval.kl_reference = "stage:student_sft"  # the paper's KL to the base, after every exported stage
     c.models.student = base.models.student
     c.models.erpd_teacher = base.models.student  # a copy of the student, trained on the fixed batch
     c.stages.student_sft = base.stages.student_sft

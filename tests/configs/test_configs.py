@@ -88,7 +88,7 @@ def check_stage(c, name: str, s) -> None:
 def test_config_builds_locked_and_valid(module, arg):
     c = importlib.import_module(module).get_config(arg or None)
     with pytest.raises(AttributeError, match="stepz"):
-        c.stages[c.pipeline.stages[0]].stepz = 3
+        c.stages[runtime.pipeline_units(c)[0][0].stage].stepz = 3
     with pytest.raises(AttributeError, match="nope"):
         c.nope = 1
     with pytest.raises(AttributeError):
@@ -162,10 +162,11 @@ def test_paper_update_step_lowers(module, name):
 
 # Where each paper config is meant to run: devices (80 GiB H100s) it must fit.
 PAPER_DEVICES = {"configs.sparse_to_dense.qwen3_1p7b_math": 8,  # one 8-GPU host
-                 "configs.sparse_to_dense.llama31_8b_math": 64}  # eight 8-GPU hosts (70B teacher)
+                 "configs.sparse_to_dense.llama31_8b_math": 64,  # eight 8-GPU hosts (70B teacher)
+                 "configs.erpd.qwen3_4b_math": 8}  # one 8-GPU host, 33k-token rows
 
 
-@pytest.mark.parametrize("module", PAPER_MODULES)
+@pytest.mark.parametrize("module", sorted(PAPER_DEVICES))
 def test_paper_config_compiles_and_fits_its_devices(module):
     """Every program of every stage (update, rollout prefill and decode, scoring) at full depth
     and 8.7k tokens per row, compiled (never run) on the fake device count of its deployment:
@@ -180,8 +181,10 @@ def test_paper_config_compiles_and_fits_its_devices(module):
     rows = [[x.strip() for x in line.strip("| \n").split("|")] for line in result.stdout.splitlines()
             if line.startswith("| ") and "stage" not in line]
     programs = {(r[0], r[1]) for r in rows}
-    for name in importlib.import_module(module).get_config().pipeline.stages:
-        assert {(name, "update"), (name, "sample prefill"), (name, "sample decode")} <= programs, name
+    c = importlib.import_module(module).get_config()
+    for unit, scfg, _ in runtime.pipeline_units(c):
+        want = {"update"} | ({"sample prefill", "sample decode"} if stages.kind(scfg.kind).sampling(scfg) else set())
+        assert {(unit.stage, p) for p in want} <= programs, unit.stage
     assert all(r[-1] == "yes" for r in rows)
 
 

@@ -159,6 +159,9 @@ def test_distill_raises_the_reward_on_the_batch(tmp_path, variant):
     teacher = _records(tmp_path, "erpd_teacher@1")
     assert (tmp_path / "artifacts" / "erpd_teacher@1" / "batch.npz").exists()
     assert any("kl_old_k3" in r for r in teacher) and (tmp_path / "models" / "erpd_teacher@1").is_dir()
+    results = json.loads((tmp_path / "results.json").read_text())["stages"]  # KL to the base (the SFT student)
+    assert results["student_sft"]["kl_to_reference"] == 0.0
+    assert results["erpd_teacher@1"]["kl_to_reference"] > 0 and results["erpd_distill@1"]["kl_to_reference"] > 0
 
 
 def test_strategy_3_lowers_the_likelihood_of_the_weak_policys_samples(tmp_path):

@@ -241,3 +241,33 @@ def test_stage_task_options_override_the_run_task(tmp_path):
     assert [e.prompt for e in task.examples("test")] == [e.prompt for e in ctx.task.examples("test")]
     pool = sft.load_or_build_pool(ctx, runtime.Unit("student_sft"), cfg.stages.student_sft, None)
     assert len(pool["tokens"]) == 40
+
+
+def test_sft_stops_when_held_out_accuracy_reaches_its_target(tmp_path, monkeypatch):
+    """The stopping rule: accuracy on training examples held out of the pool every
+    `check_every` steps (here a stand-in rising 0.1 per check); the stage ends at the first check
+    at or above `until_accuracy` (the 4th, step 20), and a rerun on the finished workdir trains
+    no further. The held-out examples are disjoint from the pool."""
+    from bridge.stages import sft
+
+    seen = []
+
+    def rising(ctx, model, examples, scfg):
+        seen.append(len(examples))
+        return 0.1 * len(seen)
+
+    monkeypatch.setattr(sft, "validation_accuracy", rising)
+    cfg = smoke_config(["student_sft"], student_sft__steps=200, student_sft__batch_size=8,
+                       student_sft__pool_prompts=0, student_sft__until_accuracy=0.35, student_sft__check_every=5,
+                       student_sft__check_prompts=16)
+    pipelines.run(cfg, str(tmp_path))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    checks = [(r["step"], r["validation_accuracy"]) for r in records if "validation_accuracy" in r]
+    np.testing.assert_allclose(checks, [(5, 0.1), (10, 0.2), (15, 0.3), (20, 0.4)])
+    assert max(r["step"] for r in records if "loss" in r) == 20 and set(seen) == {16}
+    assert checkpoint.StageCheckpoints(str(tmp_path), "student_sft").latest_step() == 20
+    ctx = runtime.make_context(cfg, str(tmp_path / "check"))
+    pool, held = sft.split_validation(ctx.stage_task(cfg.stages.student_sft), cfg.stages.student_sft)
+    assert len(held) == 16 and not {e.prompt for e in held} & {e.prompt for e in pool}
+    pipelines.run(cfg, str(tmp_path))  # finished: nothing more is trained
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(records)
