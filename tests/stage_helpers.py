@@ -8,6 +8,15 @@ from bridge import models
 from configs.sparse_to_dense import toy
 
 
+def tiny_decoder(tokenizer, seed=0):
+    """A 1-layer Qwen3-shaped decoder over `tokenizer`'s vocabulary (its eos/bos ids set)."""
+    cfg = models.ModelConfig(family="qwen3", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                             num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True,
+                             tie_word_embeddings=True, rope_theta=1e4, max_position_embeddings=512,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return models.Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
 def tiny_model(seed=0, layers=1, vocab=23):
     cfg = models.ModelConfig(family="qwen3", vocab_size=vocab, hidden_size=16, intermediate_size=32,
                              num_layers=layers, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from bridge import models
 from bridge.evaluation import runner
 from bridge.tasks import get_task
+from stage_helpers import tiny_decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -35,24 +35,8 @@ def model_dirs(tmp_path_factory):
     tokenizer = models.char_tokenizer(string.printable)
     dirs = []
     for seed in (0, 1):
-        cfg = models.ModelConfig(
-            family="qwen3",
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_layers=1,
-            num_heads=2,
-            num_kv_heads=1,
-            head_dim=8,
-            qk_norm=True,
-            tie_word_embeddings=True,
-            rope_theta=1e4,
-            max_position_embeddings=512,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
         path = str(root / f"model{seed}")
-        models.save_hf(models.Decoder(cfg, rngs=nnx.Rngs(seed)), path, tokenizer=tokenizer)
+        models.save_hf(tiny_decoder(tokenizer, seed), path, tokenizer=tokenizer)
         dirs.append(path)
     return dirs
 

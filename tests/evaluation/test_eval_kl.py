@@ -18,28 +18,13 @@ from bridge import models, sampling
 from bridge.evaluation import report, runner
 from bridge.kernels.logprobs import api as logprobs_api
 from bridge.tasks import get_task
+from stage_helpers import tiny_decoder
 
 ALPHABET = string.printable
 
 
 def _decoder(tokenizer, seed, logit_scale):
-    cfg = models.ModelConfig(
-        family="qwen3",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        qk_norm=True,
-        tie_word_embeddings=True,
-        rope_theta=1e4,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    model = models.Decoder(cfg, rngs=nnx.Rngs(seed))
+    model = tiny_decoder(tokenizer, seed)
     return _scaled(model, logit_scale)
 
 
