@@ -125,3 +125,17 @@ def parse_arg(arg: str | None, known: tuple[str, ...]) -> list[str]:
     if unknown:
         raise ValueError(f"Unknown config variant(s) {unknown}; known: {', '.join(known)}.")
     return parts
+
+
+def self_distill_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
+    """Self-distillation with privileged context (bridge/stages/self_distill.py): the policy's
+    own samples, its teacher the same model after the prompt plus `context` (opsd, sdpo, hint,
+    critique); `teacher` frozen | live | ema; generalized JSD (beta 0.5) by default;
+    route="srpo" sends correct samples to GRPO instead."""
+    s = cd(kind="self_distill", model=model, init="", steps=steps, context="opsd", context_tokens=16,
+           teacher="frozen", ema_decay=0.99, teacher_temperature=1.0, loss="jsd", beta=0.5, divergence_top_k=0,
+           coef=1.0, advantage_norm="none", route="", advantage="grpo", entropy_tau=1.0, clip_low=0.2,
+           clip_high=0.2, prompts_per_step=32, sampling=sampling(), sample_batch_size=0, minibatches=1,
+           microbatches=1, epochs=1, optimizer=optimizer(lr))
+    s.update(kw)
+    return s

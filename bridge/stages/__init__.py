@@ -59,10 +59,11 @@ class StageKind:
 
 
 def _registry() -> dict:
-    from bridge.stages import erpd, opd, rl, sft
+    from bridge.stages import erpd, opd, rl, self_distill, sft
 
     return {"rl": rl.KIND, "sft": sft.KIND, "opd": opd.KIND, "erpd_teacher": erpd.TEACHER,
-            "erpd_distill": erpd.DISTILL}
+            "erpd_distill": erpd.DISTILL,
+            "self_distill": self_distill.KIND}
 
 
 def kind(name: str) -> StageKind:

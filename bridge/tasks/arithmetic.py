@@ -13,6 +13,19 @@ Completion format (the SFT target, `Example.solution`):
 Reward: exact match (0/1) of the answer part of the completion cut at the first newline (the
 runner cuts at eos); with a scratchpad the answer part is the text after the last ":".
 
+Step checker (`check_steps`, for step-aligned critiques): the steps are the scratchpad's worked
+steps (when there is one) and then the answer's digits from the least significant, the order
+column addition produces them. For addition the failing digit's step is its column,
+"a_i+b_i+c_i=t" (c_i the true incoming carry; the last column is the final carry, "0+0+c=c"),
+so the critique names the column and the carry the attempt got wrong; for multiplication it is
+"i=d" (digit i from the right should be d). A malformed answer fails at its first digit.
+Privileged contexts are symbolic (`Task.context_style`), in ALPHABET: the teacher reads
+"<context>:<prompt>".
+
+Hard split: `min_carries` > 0 keeps only addition problems with at least that many carries
+(long carry chains, the skill a small model learns last; same length and format as the plain
+task), for train and test alike.
+
 Splits: the test pairs are drawn first (from `seed`), then train pairs from a separate stream
 skipping every test pair in either operand order, so the splits are disjoint by construction, the
 test set does not depend on `num_train`, and train sets of one seed are prefixes of each other
@@ -23,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bridge.tasks.base import Example, RewardResult, Task
+from bridge.tasks.base import Example, RewardResult, StepCheck, Task
 
 ALPHABET = "0123456789+*=:,"
 OPS = ("+", "*")
@@ -51,14 +64,23 @@ def worked_steps(a: int, b: int, digits: int, op: str) -> str:
     return "+".join(str(a * ((b // 10**i) % 10) * 10**i) for i in range(digits))
 
 
-def _draw_pairs(rng: np.random.Generator, count: int, digits: int, exclude: set) -> list:
+def carries(a: int, b: int, digits: int) -> int:
+    """How many of the `digits` columns of a + b carry into the next column."""
+    count, carry = 0, 0
+    for i in range(digits):
+        carry = ((a // 10**i) % 10 + (b // 10**i) % 10 + carry) // 10
+        count += carry
+    return count
+
+
+def _draw_pairs(rng: np.random.Generator, count: int, digits: int, exclude: set, min_carries: int = 0) -> list:
     pairs, seen = [], set(exclude)
     high = 10**digits
     while len(pairs) < count:
         draw = rng.integers(0, high, size=(max(64, 2 * (count - len(pairs))), 2))
         for a, b in draw.tolist():
             key = (min(a, b), max(a, b))
-            if key not in seen:
+            if key not in seen and (not min_carries or carries(a, b, digits) >= min_carries):
                 seen.add(key)
                 pairs.append((a, b))
                 if len(pairs) == count:
@@ -67,7 +89,8 @@ def _draw_pairs(rng: np.random.Generator, count: int, digits: int, exclude: set)
 
 
 def make_examples(
-    split: str, *, digits: int, op: str, scratchpad_steps: bool, num_train: int, num_test: int, seed: int
+    split: str, *, digits: int, op: str, scratchpad_steps: bool, num_train: int, num_test: int, seed: int,
+    min_carries: int = 0,
 ) -> list[Example]:
     unordered = (10**digits) * (10**digits + 1) // 2
     if num_train + num_test > unordered // 2:
@@ -75,12 +98,13 @@ def make_examples(
             f"arithmetic: num_train + num_test = {num_train + num_test} is more than half of the "
             f"{unordered} distinct {digits}-digit operand pairs; lower them or raise digits."
         )
-    test = _draw_pairs(np.random.default_rng([seed, 0]), num_test, digits, set())
+    stream = [seed, 2, min_carries] if min_carries else [seed]  # the plain task's splits stay as they were
+    test = _draw_pairs(np.random.default_rng([*stream, 0]), num_test, digits, set(), min_carries)
     if split == "test":
         pairs = test
     else:
         test_keys = {(min(a, b), max(a, b)) for a, b in test}
-        pairs = _draw_pairs(np.random.default_rng([seed, 1]), num_train, digits, test_keys)
+        pairs = _draw_pairs(np.random.default_rng([*stream, 1]), num_train, digits, test_keys, min_carries)
     examples = []
     for index, (a, b) in enumerate(pairs):
         answer = format_answer(a, b, digits, op)
@@ -115,6 +139,57 @@ def make_reward(*, digits: int, op: str, scratchpad_steps: bool):
     return reward
 
 
+def _answer_part(text: str, op: str, scratchpad_steps: bool) -> tuple[list[str], str]:
+    """(listed worked steps, answer) of a completion ([] steps without a scratchpad)."""
+    text = text.strip()
+    if not scratchpad_steps:
+        return [], text
+    steps, _, answer = text.rpartition(":")
+    return [s for s in steps.split("," if op == "+" else "+") if s], answer.strip()
+
+
+def column_steps(a: int, b: int, digits: int, op: str) -> list[str]:
+    """The answer's digits from the least significant as steps (see the module docstring)."""
+    answer = format_answer(a, b, digits, op)
+    if op == "*":
+        return [f"{i}={d}" for i, d in enumerate(reversed(answer))]
+    out, carry = [], 0
+    for i in range(digits):
+        da, db = (a // 10**i) % 10, (b // 10**i) % 10
+        total = da + db + carry
+        out.append(f"{da}+{db}+{carry}={total}")
+        carry = total // 10
+    return out + [f"0+0+{carry}={carry}"]
+
+
+def make_step_checker(*, digits: int, op: str, scratchpad_steps: bool):
+    """(completion_text, example) -> StepCheck: the first failing worked step or answer digit."""
+    width = answer_width(digits, op)
+
+    def check(completion_text: str, example: Example) -> StepCheck:
+        a, b = example.meta["a"], example.meta["b"]
+        listed, answer = _answer_part(completion_text, op, scratchpad_steps)
+        worked = worked_steps(a, b, digits, op).split("," if op == "+" else "+") if scratchpad_steps else []
+        columns = column_steps(a, b, digits, op)
+        total = len(worked) + width
+        for k, step in enumerate(worked):
+            if k >= len(listed) or listed[k] != step:
+                got = listed[k] if k < len(listed) else "nothing"
+                return StepCheck(k, total, step, f"worked step {k + 1} should be {step}, not {got}.")
+        truth = example.answer[::-1]
+        got = answer[::-1] if len(answer) == width else ""
+        for i in range(width):
+            if i >= len(got) or got[i] != truth[i]:
+                where = f"digit {i + 1} from the right"
+                what = (f"column {i + 1} from the right is {columns[i]}, so the digit is {truth[i]}"
+                        if op == "+" else f"the digit is {truth[i]}")
+                seen = f"got {got[i]!r}" if got else f"the answer {answer!r} is not {width} digits"
+                return StepCheck(len(worked) + i, total, columns[i], f"{where} is wrong ({seen}): {what}.")
+        return StepCheck(-1, total)
+
+    return check
+
+
 def arithmetic_task(
     digits: int = 4,
     op: str = "+",
@@ -123,21 +198,28 @@ def arithmetic_task(
     num_test: int = 1000,
     seed: int = 0,
     chat: bool = False,
+    min_carries: int = 0,
 ) -> Task:
     """The "arithmetic" task (see the module docstring for formats and split construction)."""
     if op not in OPS:
         raise ValueError(f"arithmetic: op must be one of {OPS}, got {op!r}.")
     if digits < 1:
         raise ValueError(f"arithmetic: digits must be >= 1, got {digits}.")
+    if min_carries and (op != "+" or not 0 < min_carries <= digits):
+        raise ValueError(f"arithmetic: min_carries needs op '+' and 1 <= min_carries <= digits ({digits}), "
+                         f"got {min_carries} with op {op!r}.")
     options = dict(digits=digits, op=op, scratchpad_steps=scratchpad)
     steps_len = len(worked_steps(10**digits - 1, 10**digits - 1, digits, op)) + 1
     return Task(
         name="arithmetic",
         load_split=lambda split: make_examples(
-            split, num_train=num_train, num_test=num_test, seed=seed, **options
+            split, num_train=num_train, num_test=num_test, seed=seed, min_carries=min_carries, **options
         ),
         reward_fn=make_reward(**options),
         chat=chat,
         max_answer_tokens=answer_width(digits, op) + 1 + (steps_len if scratchpad else 0),
         stop_strings=("\n",),
+        step_checker=make_step_checker(**options),
+        context_style="text" if chat else "symbolic",
+        context_separator=":",
     )

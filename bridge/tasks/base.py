@@ -3,6 +3,22 @@
 A task is one `Task` value (no subclassing): its behaviour comes from the functions it holds.
 Task modules (arithmetic, countdown, math) build one with their own example generator/loader
 and reward function; `bridge.tasks.get_task(name, **options)` picks one by name.
+
+Privileged context is what a self-distillation teacher sees and the student does not
+(`bridge.stages.self_distill`), one of `CONTEXT_MODES`:
+  "opsd"      the reference solution (On-Policy Self-Distillation); needs `Example.solution`;
+  "sdpo"      the verifier's verdict on the student's own attempt, plus a successful attempt of
+              the same group when there is one (Self-Distillation Policy Optimization,
+              "Reinforcement learning via self-distillation": the implicit feedback of scalar
+              rewards);
+  "hint"      a hindsight hint from the failure: the reference solution up to and including
+              the first character where the failed attempt departs from it; needs `solution`;
+  "critique"  a step-aligned critique: the task's `step_checker` names the attempt's first
+              failing step and what it should be; needs a `step_checker`.
+A correct attempt gets no hint or critique (""). `context_style` renders the context as English
+("text") or, for character-level toy tokenizers, in the task's own symbols ("symbolic"); the
+teacher's prompt is the context, `context_separator`, then the plain prompt (raw text), or the
+user turn followed by the context (chat).
 """
 
 from __future__ import annotations
@@ -12,6 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 Messages = list[dict[str, str]]
 SPLITS = ("train", "test")
+CONTEXT_MODES = ("opsd", "sdpo", "hint", "critique")
+CONTEXT_STYLES = ("text", "symbolic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +71,39 @@ class RewardResult:
 RewardFn = Callable[[str, Example], RewardResult]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCheck:
+    """A task's step-by-step check of one completion.
+
+    step: 0-based index of the first failing step, -1 when every step checks.
+    steps: how many steps the reference solution has.
+    expected: the failing step as it should be, in the task's symbols ("" when none fails).
+    message: the same in English ("" when none fails).
+    """
+
+    step: int
+    steps: int
+    expected: str = ""
+    message: str = ""
+
+
+StepChecker = Callable[[str, Example], StepCheck]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """The student's completion a context may refer to: its text (cut at the stop strings),
+    the verifier's result, and a successful completion of the same group ("" when none)."""
+
+    text: str
+    result: RewardResult
+    peer: str = ""
+
+
+class MissingContextError(ValueError):
+    """A task cannot supply the privileged context a stage asks for."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
     """A verifiable task.
@@ -64,6 +115,10 @@ class Task:
     system_prompt: prepended as a system message in chat mode (None: no system message).
     max_answer_tokens: a hint for max_new_tokens when sampling this task.
     stop_strings: text at which a completion ends for scoring (besides the eos token).
+    step_checker: (completion_text, example) -> StepCheck, for step-aligned critiques; None
+      when the task cannot check steps.
+    context_style: "text" (English) or "symbolic" (the task's own symbols) privileged contexts.
+    context_separator: between the context and a raw-text prompt in the teacher's prompt.
     """
 
     name: str
@@ -73,6 +128,9 @@ class Task:
     system_prompt: str | None = None
     max_answer_tokens: int = 512
     stop_strings: tuple[str, ...] = ()
+    step_checker: StepChecker | None = None
+    context_style: str = "text"
+    context_separator: str = "\n\n"
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def examples(self, split: str) -> Sequence[Example]:
@@ -137,11 +195,83 @@ class Task:
             cut = space + 1
         return solution[:cut]
 
-    def privileged_context(self, example: Example) -> str | None:
-        """Text only the self-distillation teacher sees: the reference solution (or the answer)."""
-        if example.solution:
-            return f"Reference solution:\n{example.solution}"
-        return f"Reference answer: {example.answer}" if example.answer else None
+    def privileged_context(self, example: Example, mode: str = "opsd", attempt: Attempt | None = None) -> str:
+        """Text only the self-distillation teacher sees (see the module docstring for the modes).
+        "opsd" falls back to the final answer when the example has no solution; the stages
+        require solutions (`check_context`). "" when a hint or critique has nothing to say
+        (a correct attempt)."""
+        symbolic = self.context_style == "symbolic"
+        if mode == "opsd":
+            if example.solution:
+                return example.solution if symbolic else f"Reference solution:\n{example.solution}"
+            return example.answer if symbolic else (f"Reference answer: {example.answer}" if example.answer else "")
+        if attempt is None:
+            raise ValueError(f"Task {self.name!r}: the {mode!r} context is about an attempt; pass attempt=.")
+        if mode == "sdpo":
+            return self._feedback(attempt)
+        if attempt.result.score >= 1.0:
+            return ""
+        if mode == "hint":
+            hint = hindsight_hint(attempt.text, example.solution or "")
+            return hint if symbolic else f"Hint: the solution begins {hint!r}."
+        if mode == "critique":
+            if self.step_checker is None:
+                raise MissingContextError(f"Task {self.name!r} has no step_checker; the 'critique' context needs one.")
+            check = self.step_checker(attempt.text, example)
+            if check.step < 0:
+                return ""
+            return check.expected if symbolic else f"Feedback: {check.message}"
+        raise ValueError(f"Unknown privileged context mode {mode!r}; choose one of {CONTEXT_MODES}.")
+
+    def _feedback(self, attempt: Attempt) -> str:
+        """SDPO's context: the verdict on the attempt's answer, and a correct peer attempt."""
+        answer, ok = attempt.result.extracted_answer or "", attempt.result.score >= 1.0
+        if self.context_style == "symbolic":
+            return ",".join([answer, str(int(ok))] + ([attempt.peer] if attempt.peer else []))
+        verdict = (f"the answer {answer} is {'correct' if ok else 'incorrect'}." if answer
+                   else "no final answer could be read from it.")
+        text = f"Feedback on a previous attempt: {verdict}"
+        if attempt.peer:
+            text += f"\n\nA correct solution from another attempt:\n{attempt.peer}"
+        return text
+
+    def check_context(self, mode: str, examples: Sequence[Example]) -> None:
+        """Stops (MissingContextError, naming the task and the missing field) when the task
+        cannot supply `mode` for `examples`: "opsd" and "hint" need every example's `solution`,
+        "critique" a `step_checker`; "sdpo" needs only the verifier."""
+        if mode not in CONTEXT_MODES:
+            raise ValueError(f"Unknown privileged context mode {mode!r}; choose one of {CONTEXT_MODES}.")
+        if mode in ("opsd", "hint"):
+            missing = [e.id for e in examples if not e.solution]
+            if missing:
+                raise MissingContextError(
+                    f"Task {self.name!r} cannot supply the {mode!r} context: {len(missing)} of {len(examples)} "
+                    f"examples have no reference solution (Example.solution), e.g. {missing[0]!r}.")
+        if mode == "critique" and self.step_checker is None:
+            raise MissingContextError(f"Task {self.name!r} cannot supply the 'critique' context: it has no "
+                                      "step_checker (Task.step_checker) to find the first failing step.")
+
+    def teacher_example(self, example: Example, context: str) -> Example:
+        """`example` with `context` in its prompt, as the self-distillation teacher reads it:
+        context + `context_separator` + prompt (raw text), or appended to the last user turn
+        (chat). No context: the example itself."""
+        if not context:
+            return example
+        if isinstance(example.prompt, str) and not self.chat:
+            return dataclasses.replace(example, prompt=context + self.context_separator + example.prompt)
+        messages = self.messages(example)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last] = {**messages[last], "content": messages[last]["content"] + "\n\n" + context}
+        return dataclasses.replace(example, prompt=messages)
+
+
+def hindsight_hint(attempt: str, solution: str) -> str:
+    """The reference solution up to and including the first character where `attempt` departs
+    from it (the whole solution when the attempt is a longer or equal string)."""
+    k = 0
+    while k < min(len(attempt), len(solution)) and attempt[k] == solution[k]:
+        k += 1
+    return solution[:k + 1]
 
 
 def soft_overlong_penalty(length: int, max_length: int, buffer: int) -> float:

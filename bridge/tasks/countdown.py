@@ -13,6 +13,13 @@ of problems at num_numbers=2 (max_number=25, targets 1-100), 1.3% at the default
 num_numbers=6, max_number=100, targets 100-999 (measured in tests/tasks/test_synthetic.py), so the
 hard end is a sparse-reward regime. Test problems are drawn first; train skips any test problem
 (same multiset of numbers and target), so the splits are disjoint.
+
+Step checker (`check_steps`, for step-aligned critiques): the steps are the expression's
+intermediate equations "x op y = v", innermost first (post-order, left to right), as the
+reference solution builds its target. A step fails when it uses a number that is not available
+(not given, or already used), divides by zero, or, for the last step, does not reach the
+target; an unparsable expression fails at step 0. Privileged contexts are symbolic
+(`Task.context_style`), in ALPHABET: the teacher reads "<context>:<prompt>".
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from collections import Counter
 
 import numpy as np
 
-from bridge.tasks.base import Example, RewardResult, Task
+from bridge.tasks.base import Example, RewardResult, StepCheck, Task
 
 ALPHABET = "0123456789+-*/()=,>:"
 MAX_EXPRESSION_CHARS = 256
@@ -183,6 +190,62 @@ def countdown_reward(completion_text: str, example: Example) -> RewardResult:
     return RewardResult(float(value == example.meta["target"]), True, expression)
 
 
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def _fmt(value: fractions.Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def intermediate_steps(tree: ast.AST) -> list[tuple[ast.AST, str]]:
+    """(node, its text) for every number and operation of `tree`, post-order."""
+    out = []
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp):
+            walk(node.left)
+            walk(node.right)
+        out.append(node)
+
+    walk(tree)
+    return out
+
+
+def check_steps(completion_text: str, example: Example) -> StepCheck:
+    """The first failing intermediate equation of a countdown expression (module docstring)."""
+    expression = extract_expression(completion_text)
+    tree = parse_expression(expression) if expression else None
+    reference = parse_expression(example.solution or "")
+    total = sum(isinstance(n, ast.BinOp) for n in ast.walk(reference)) if reference is not None else 0
+    target = example.meta["target"]
+    if tree is None:
+        return StepCheck(0, total, f"->{target}", f"{expression!r} is not an expression of + - * / over integers.")
+    available = Counter(example.meta["numbers"])
+    values, step = {}, 0
+    for node in intermediate_steps(tree):
+        if isinstance(node, ast.Constant):
+            if available[node.value] <= 0:
+                return StepCheck(step, total, f"{node.value}>",
+                                 f"step {step + 1} uses {node.value}, which is not an unused given number.")
+            available[node.value] -= 1
+            values[node] = fractions.Fraction(node.value)
+            continue
+        left, right, op = values[node.left], values[node.right], _OPS[type(node.op)]
+        equation = f"{_fmt(left)}{op}{_fmt(right)}"
+        if op == "/" and right == 0:
+            return StepCheck(step, total, f"{equation}=", f"step {step + 1}, {equation}, divides by zero.")
+        values[node] = left + right if op == "+" else left - right if op == "-" else left * right if op == "*" else left / right
+        step += 1
+    final = values[intermediate_steps(tree)[-1]]
+    if final != target:
+        last = max(step - 1, 0)
+        return StepCheck(last, total, f"{_fmt(final)}>{target}",
+                         f"step {last + 1} ends at {_fmt(final)}, not the target {target}.")
+    return StepCheck(-1, total)
+
+
 def countdown_task(
     num_numbers: int = 4,
     max_number: int = 25,
@@ -213,4 +276,7 @@ def countdown_task(
         chat=chat,
         max_answer_tokens=1024 if chat else 8 * num_numbers,
         stop_strings=() if chat else ("\n",),
+        step_checker=check_steps,
+        context_style="text" if chat else "symbolic",
+        context_separator=":",
     )

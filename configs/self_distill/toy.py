@@ -1,0 +1,67 @@
+"""Toy self-distillation with privileged context on CPU: the bridge toy's student after SFT
+(4-digit addition) is the base; it then trains on the hard split, additions whose every column
+carries (`min_carries=4`), by one of:
+
+    python -m launch.train --config=configs/self_distill/toy.py:opsd --workdir=/tmp/sd_opsd
+    python -m launch.train --config=configs/self_distill/toy.py:srpo,smoke --workdir=/tmp/sd_smoke
+
+arg: comma-separated variants.
+  scale:    toy (default) | smoke (seconds, for tests)
+  method:   opsd (default: the reference answer in the teacher's prompt) | sdpo (the verdict on
+            the student's answer and a correct answer of its group) | hint (the answer up to the
+            first wrong digit) | critique (the first failing column, "a+b+carry=total") | srpo
+            (correct samples to GRPO, failed ones to SDPO-context self-distillation) | grpo (the
+            baseline: the rl stage alone)
+  teacher:  frozen (default) | live | ema
+  loss:     jsd (default, beta 0.5) | sampled (sampled-token reverse KL as a dense advantage) |
+            rkl | fkl | ce (DistIL forward cross-entropy) | topk (reverse KL over the teacher's
+            top 4 plus a tail bucket)
+The tokenizer holds the task's whole alphabet (the contexts are written in it, ":" between
+context and prompt), so the base's SFT is the bridge toy's recipe over a larger vocabulary.
+"""
+
+from bridge.tasks import arithmetic
+from configs import common
+from configs.sparse_to_dense import toy
+
+METHODS = ("opsd", "sdpo", "hint", "critique", "srpo", "grpo")
+TEACHERS = ("frozen", "live", "ema")
+LOSSES = {"jsd": {}, "sampled": dict(loss="sampled_reverse_kl", advantage_norm="whiten"),
+          "rkl": dict(loss="reverse_kl"), "fkl": dict(loss="forward_kl"), "ce": dict(loss="forward_ce"),
+          "topk": dict(loss="reverse_kl", divergence_top_k=4)}
+VARIANTS = ("toy", "smoke", *METHODS, *TEACHERS, *LOSSES)
+HARD = common.cd(min_carries=4)
+
+
+def get_config(arg=None):
+    parts = common.parse_arg(arg, VARIANTS)
+    smoke = "smoke" in parts
+    method = next((p for p in parts if p in METHODS), "opsd")
+    base = toy.get_config("smoke" if smoke else None)
+    base.unlock()
+    c = common.base()
+    for key in ("task", "eval", "checkpoint", "metrics"):
+        c[key] = base[key]
+    c.tokenizer = "char:" + arithmetic.ALPHABET
+    c.task.options.update(HARD)
+    c.models.student = base.models.student
+    c.stages.student_sft = base.stages.student_sft
+    c.stages.student_sft.task_options.min_carries = 0  # the base learns the plain task
+    gen = common.sampling(8, max_new_tokens=8)
+    if method == "grpo":
+        c.stages.student_rl = common.rl_stage("student", 3e-4, 200, sampling=gen)
+        train = c.stages.student_rl
+    else:
+        c.stages.self_distill = common.self_distill_stage(
+            "student", 3e-4, 200, sampling=gen, context="sdpo" if method == "srpo" else method,
+            route="srpo" if method == "srpo" else "", teacher=next((p for p in parts if p in TEACHERS), "frozen"),
+            context_tokens=16)
+        for variant in (p for p in parts if p in LOSSES):
+            c.stages.self_distill.update(LOSSES[variant])
+        train = c.stages.self_distill
+    c.pipeline.stages = ("student_sft", "student_rl" if method == "grpo" else "self_distill")
+    if smoke:
+        train.update(steps=3, prompts_per_step=4)
+        train.sampling.n = 4
+    c.lock()
+    return c
