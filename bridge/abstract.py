@@ -75,7 +75,8 @@ def stage_update(c, name: str, mesh, rules, models: dict, *, prompt_len: int):
     """(jitted update, abstract (state, batch, frozen)) of stage `name` on `mesh`."""
     s, kind = _stage(c, name)
     refs = kind.models(s)
-    graphdef, params = nnx.split(model_for(c, models, refs["policy"]))
+    load = lambda ref: model_for(c, models, ref)  # noqa: E731
+    graphdef, params = nnx.split(kind.trained(s, load(refs["policy"]), load))
     tx = common.optimizer(s, 1)
     state = jax.eval_shape(lambda p: train_state.init_state(p, tx), params)
     state_sharding = train_state.state_shardings(state, mesh, rules)

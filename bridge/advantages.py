@@ -11,6 +11,9 @@ Token-level (dense rewards from a teacher; logp arrays float[B, T]):
     exopd_token_advantages    lam (log p_T - log p_B) - (log p_S - log p_B)   reward extrapolation
     erpd_rewards              whiten(log p_pos - log p_neg)            ERPD stage 2
     ensemble_rewards          weighted mean of whitened signals
+    gae                       generalized advantage estimation with a critic (Schulman et al.
+                              2016), outcome reward on the last token; lambda per row allowed
+                              (`length_adaptive_lambda`: VAPO, Yue et al. 2025)
     tip_token_weights         0/1 token selection, TIP (Xu et al. 2026), H = student entropy,
                               D = teacher-student divergence, quantiles over masked tokens:
         rule="entropy"   top round(keep_fraction * n) tokens by H
@@ -170,6 +173,52 @@ def ensemble_rewards(list_of_rewards, weights=None, mask=None):
     weights = jnp.asarray(weights, jnp.float32)
     whitened = jnp.stack([whiten(r, mask) for r in signals])
     return jnp.tensordot(weights / jnp.sum(weights), whitened, axes=1)
+
+
+def terminal_rewards(rewards, mask):
+    """float[B, T]: each row's outcome reward on its last completion token (mask true), 0 elsewhere."""
+    mask = jnp.asarray(mask, bool)
+    t = mask.shape[1]
+    last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # the last true position of each row
+    onehot = (jnp.arange(t)[None, :] == last[:, None]) & jnp.any(mask, axis=1, keepdims=True)
+    return jnp.where(onehot, jnp.asarray(rewards, jnp.float32)[:, None], 0.0)
+
+
+def gae(token_rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation over completion tokens (Schulman et al. 2016, "High-
+    dimensional continuous control using generalized advantage estimation").
+
+        delta_t = r_t + gamma V_{t+1} - V_t        V beyond the last masked token = 0 (terminal)
+        A_t     = sum_l (gamma lam)^l delta_{t+l}   (reverse scan, stopping at the mask's end)
+        R_t     = A_t + V_t                          the critic's regression target
+
+    token_rewards, values float[B, T] (values of the states before each token, from the
+    hidden state that predicts it); mask bool[B, T], contiguous from position 0; lam a scalar
+    or float[B] (per-row lambda). gamma = lam = 1 gives A_t = sum of future rewards - V_t.
+    Returns (advantages, returns), 0 off the mask.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    values = jnp.asarray(values, jnp.float32) * mask
+    rewards = jnp.asarray(token_rewards, jnp.float32) * mask
+    decay = gamma * jnp.broadcast_to(jnp.asarray(lam, jnp.float32).reshape(-1, 1), (mask.shape[0], 1))[:, 0]
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = (rewards + gamma * next_values - values) * mask
+
+    def back(carry, x):
+        delta, m = x
+        carry = (delta + decay * carry) * m
+        return carry, carry
+
+    _, adv = jax.lax.scan(back, jnp.zeros(mask.shape[0]), (deltas.T, mask.T), reverse=True)
+    adv = adv.T
+    return adv, (adv + values) * mask
+
+
+def length_adaptive_lambda(lengths, alpha):
+    """VAPO's per-sequence lambda = 1 - 1 / (alpha * length) (Yue et al. 2025, "VAPO"), so the
+    bias-variance trade-off of GAE scales with the response length; floored at 0."""
+    lengths = jnp.maximum(jnp.asarray(lengths, jnp.float32), 1.0)
+    return jnp.maximum(1.0 - 1.0 / (alpha * lengths), 0.0)
 
 
 TIP_RULES = ("entropy", "q3", "union")

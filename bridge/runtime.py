@@ -585,7 +585,7 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
             if stop:
                 total = step + 1  # the evaluation record carries the step the stage ended at
                 break
-    model = nnx.merge(program.graphdef, state.params)
+    model = kind.policy_of(nnx.merge(program.graphdef, state.params))
     ctx.slots[slot] = model
     if os.path.exists(done):  # finished before (not exported): restored from its last checkpoint
         with open(done) as f:

@@ -64,8 +64,14 @@ def completion_hidden(model, batch) -> jax.Array:
 
 def completion_logprobs(model, batch, temperature: float = 1.0, return_entropy: bool = False):
     """log pi(y_t | x, y_<t) float32[B, N] (and the entropy of pi at each position)."""
+    return hidden_logprobs(completion_hidden(model, batch), batch["tokens"], model.head(), temperature, return_entropy)
+
+
+def hidden_logprobs(hidden, tokens, head, temperature: float = 1.0, return_entropy: bool = False):
+    """log-probabilities of `tokens` [B, N] under the head [D, V] applied to hidden [B, N, D],
+    streamed over the vocabulary per batch shard (and the entropies)."""
     fn = lambda h, t, w: token_logprobs(h, w, t, temperature, return_entropy=return_entropy)  # noqa: E731
-    return batch_parallel(fn, (completion_hidden(model, batch), batch["tokens"]), (model.head(),))
+    return batch_parallel(fn, (hidden, tokens), (head,))
 
 
 def completion_divergence(student, teacher, batch, kind: str, *, beta: float = 0.5, top_k: int = 0,

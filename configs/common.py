@@ -55,6 +55,13 @@ def block(stages: tuple, repeat: int) -> ml_collections.ConfigDict:
     return cd(stages=tuple(stages), repeat=repeat)
 
 
+def critic(**kw) -> ml_collections.ConfigDict:
+    """PPO's value model and GAE (used by rl with advantage="gae" and erpd_teacher with
+    teacher_loss="ppo"); each key is described in bridge/stages/critic.py."""
+    return cd(**{"trunk": "shared", "init": "", "value_coef": 0.5, "value_clip": 0.2, "gamma": 1.0, "lam": 0.95,
+                 "lam_end": -1.0, "length_alpha": 0.0, "value_lam": 1.0, "whiten": True, **kw})
+
+
 def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDict:
     """GRPO defaults (token-mean, clip 0.2, group 8, T=1); override for DAPO/Dr.GRPO/GSPO/...
 
@@ -66,7 +73,7 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
            advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", reference="", entropy_coef=0.0,
            sample_batch_size=0, minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
-           overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, optimizer=optimizer(lr))
+           overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, critic=critic(), optimizer=optimizer(lr))
     s.update(kw)
     return s
 
@@ -102,7 +109,8 @@ def erpd_teacher_stage(model: str, lr: float, steps: int, **kw) -> ml_collection
     s = cd(kind="erpd_teacher", model=model, init="student", steps=steps, prompts_per_step=32,
            sampling=sampling(16, temperature=0.6), sample_batch_size=0, minibatches=8, microbatches=1,
            teacher_loss="ce", aggregation="mean", beta=0.05, clip_low=0.2, clip_high=0.28, tau_pos=1.0,
-           tau_neg=1.05, kl_coef=0.0, track_every=5, snapshot_steps=(), export=True, optimizer=optimizer(lr))
+           tau_neg=1.05, kl_coef=0.0, track_every=5, snapshot_steps=(), export=True, critic=critic(),
+           optimizer=optimizer(lr))
     s.update(kw)
     return s
 

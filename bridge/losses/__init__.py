@@ -2,7 +2,7 @@
 models, teacher-student divergences and the aggregation that reduces them.
 
 Configs pick policy surrogates by name through `policy_loss(name, **kwargs)`, which returns
-the function with the keyword arguments bound; divergences are picked by the stages' kernels
+the function with the keyword arguments bound; the critic's loss is `clipped_value_loss`; divergences are picked by the stages' kernels
 (`bridge.scoring.completion_divergence`).
 """
 import functools
@@ -22,6 +22,7 @@ from bridge.losses.divergences import (
 from bridge.losses.kl import KL_ESTIMATORS, LOSS_KL_ESTIMATORS, kl_estimate
 from bridge.losses.policy import clipped_surrogate, cispo_loss, gspo_loss, sapo_loss
 from bridge.losses.reward_models import implicit_prm_ce_loss, implicit_token_rewards, mse_reward_loss
+from bridge.losses.value import clipped_value_loss
 
 POLICY_LOSSES = {
     "grpo": clipped_surrogate,
@@ -50,6 +51,7 @@ __all__ = [
     "aggregate",
     "cispo_loss",
     "clipped_surrogate",
+    "clipped_value_loss",
     "counted_rows",
     "entropy",
     "forward_cross_entropy",

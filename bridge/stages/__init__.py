@@ -16,6 +16,10 @@ importable declaration as `kind="package.module:NAME"`.
         update_rows=...,        # scfg -> rows in one optimizer update
         sampling=...,           # scfg -> Sampling (who samples, how many) or None
         scored_roles=...,       # scfg -> roles scored teacher-forced on each rollout batch
+        trained=...,            # optional: (scfg, policy, load) -> the module the TrainState
+                                #   holds (default: the policy; a policy with a critic for PPO);
+                                #   load(ref) gives any other model the module is built from
+        policy_of=...,          # optional: trained module -> the policy the stage exports
     )
 
 A variant of an existing kind is `dataclasses.replace(rl.KIND, make_loss=...)`.
@@ -52,6 +56,8 @@ class StageKind:
     update_rows: Callable
     sampling: Callable
     scored_roles: Callable
+    trained: Callable = lambda scfg, policy, load: policy
+    policy_of: Callable = lambda module: module
 
     def build(self, ctx, unit, scfg):
         """The stage's program (`runtime.StageProgram`) for one unit of the pipeline."""

@@ -21,9 +21,10 @@ from bridge.stages import Sampling
 class Trainer:
     """The trained model's graphdef, its initial TrainState and the compiled update step."""
 
-    graphdef: object
+    graphdef: object  # of the trained module (`StageKind.trained`)
     state: train_state.TrainState
     update: Callable  # (state, batch, frozen) -> (state, metrics)
+    policy_of: Callable = lambda module: module  # trained module -> its policy (`StageKind.policy_of`)
 
 
 def make_update(kind, scfg, graphdef, frozen_graphdefs, tx, state_sharding=None) -> Callable:
@@ -41,14 +42,15 @@ def optimizer(scfg, total_updates: int):
 
 
 def make_trainer(ctx: runtime.Context, kind, scfg, model, frozen_graphdefs, total_updates: int) -> Trainer:
-    """The stage's state on the mesh and its jitted update step (see `train_state`)."""
-    graphdef, params = nnx.split(model)
+    """The stage's state on the mesh and its jitted update step (see `train_state`); the state
+    holds `kind.trained(scfg, model, ctx.model)` (the policy, or the policy with a critic)."""
+    graphdef, params = nnx.split(kind.trained(scfg, model, ctx.model))
     params = jax.tree.map(jnp.copy, params)  # the stage owns (and donates) its own buffers
     tx = optimizer(scfg, total_updates)
     state = train_state.init_state(params, tx)
     shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
     state = jax.device_put(state, shardings)
-    return Trainer(graphdef, state, make_update(kind, scfg, graphdef, frozen_graphdefs, tx, shardings))
+    return Trainer(graphdef, state, make_update(kind, scfg, graphdef, frozen_graphdefs, tx, shardings), kind.policy_of)
 
 
 class _Cfg(dict):
@@ -113,7 +115,8 @@ def check_vocab(teacher, student, stage: str) -> None:
 
 
 def current_model(trainer: Trainer, state: train_state.TrainState):
-    return nnx.merge(trainer.graphdef, state.params)
+    """The policy the trainer's state holds now."""
+    return trainer.policy_of(nnx.merge(trainer.graphdef, state.params))
 
 
 def rollout_update_rows(scfg) -> int:

@@ -9,6 +9,9 @@ batch alone, with `teacher_loss`:
     "sapo"  SAPO's soft gate (tau_pos, tau_neg)
     "ce"    implicit-PRM cross-entropy: z = beta * agg_t log(pi / pi_old), BCE(sigmoid(z), correct)
     "mse"   the implicit reward z regressed on the verifier reward (the "unlearned" regime)
+    "ppo"   PPO with a value model (`critic` sub-config, `stages.critic`): before each update
+            the critic scores the update's rows, GAE gives per-token advantages, and the loss
+            is the clipped surrogate (clip_low, clip_high) plus the clipped value loss
 with `aggregation` "sum" or "mean" over tokens for z, and an optional KL loss to pi_old
 (k3, `kl_coef`). Every `track_every` updates it scores the whole batch: k3 KL(pi_old || pi),
 token entropy, the mean log-probability of correct and of wrong samples (the
@@ -40,9 +43,10 @@ import numpy as np
 from flax import nnx
 
 from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
-from bridge.stages import Sampling, StageKind, common
+from bridge.models import value
+from bridge.stages import StageKind, common, critic
 
-TEACHER_LOSSES = ("grpo", "sapo", "ce", "mse")
+TEACHER_LOSSES = ("grpo", "sapo", "ce", "mse", "ppo")
 STRATEGIES = {"s1": ("teacher", "old"), "s2": ("teacher", "unlearned"), "s3": ("old", "weak")}
 TEACHER_ROLES = ("teacher", "unlearned", "weak")  # model roles a strategy may name
 
@@ -72,9 +76,10 @@ def teacher_loss(scfg, frozen_graphdefs=()):
     temperature = _temperature(scfg)
 
     def loss_fn(model, batch, frozen):
-        logp = scoring.completion_logprobs(model, batch, temperature)
+        logp, _, values = critic.train_scores(model, batch, temperature, entropy=False,
+                                              critic=uses_critic(scfg))
         mask = batch["mask"]
-        if scfg.teacher_loss == "grpo":
+        if scfg.teacher_loss in ("grpo", "ppo"):
             loss, metrics = losses.clipped_surrogate(logp, batch["old_logp"], batch["advantages"], mask,
                                                      clip_low=scfg.clip_low, clip_high=scfg.clip_high)
         elif scfg.teacher_loss == "sapo":
@@ -88,6 +93,10 @@ def teacher_loss(scfg, frozen_graphdefs=()):
             loss, metrics = losses.mse_reward_loss(logp, batch["old_logp"], _implicit_reward_mask(mask, scfg.aggregation),
                                                    batch["rewards"], beta=scfg.beta)
         metrics = dict(metrics)
+        if values is not None:
+            value_loss, value_metrics = critic.value_term(scfg.critic, values, batch, mask)
+            loss = loss + value_loss
+            metrics.update(value_metrics)
         if "accuracy" in metrics:  # the implicit reward's sign against the verifier, not task accuracy
             metrics["implicit_reward_accuracy"] = metrics.pop("accuracy")
         if scfg.kl_coef > 0:
@@ -99,7 +108,14 @@ def teacher_loss(scfg, frozen_graphdefs=()):
     return loss_fn
 
 
+def uses_critic(scfg) -> bool:
+    return scfg.teacher_loss == "ppo"
+
+
 def teacher_batch_spec(scfg, rows: int, prompt_len: int, completion: int) -> dict:
+    if uses_critic(scfg):
+        return common.rollout_batch_spec(rows, prompt_len, completion, old_logp="token", advantages="token",
+                                         rewards="row", old_values="token", returns="token")
     return common.rollout_batch_spec(rows, prompt_len, completion, old_logp="token", advantages="row", rewards="row")
 
 
@@ -145,18 +161,13 @@ def batch_statistics(logp, entropy, batch, old_logp) -> dict:
     return out
 
 
-def explained_variance(predicted, target) -> float:
-    """1 - Var(target - predicted) / Var(target) (1: a perfect fit; 0 when the target is constant)."""
-    target, predicted = np.asarray(target, np.float64), np.asarray(predicted, np.float64)
-    var = target.var()
-    return float(1.0 - (target - predicted).var() / var) if var > 0 else 0.0
-
-
 def check_teacher(name: str, scfg) -> None:
     if scfg.teacher_loss not in TEACHER_LOSSES:
         raise ValueError(f"Stage {name!r}: unknown teacher_loss {scfg.teacher_loss!r}; choose one of {TEACHER_LOSSES}.")
     if scfg.aggregation not in ("sum", "mean"):
         raise ValueError(f"Stage {name!r}: aggregation must be 'sum' or 'mean', not {scfg.aggregation!r}.")
+    if uses_critic(scfg):
+        critic.check(name, scfg.critic)
 
 
 def teacher_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
@@ -165,14 +176,25 @@ def teacher_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
     batch = fixed_batch(ctx, unit, scfg, model)
     trainer = common.make_trainer(ctx, kind, scfg, model, (), scfg.steps)
     rows, bs = len(batch["tokens"]), common.rollout_update_rows(scfg)
-    score = _scorer(trainer.graphdef, _temperature(scfg), common.scoring_slices(scfg), entropy=True)
+    slices = common.scoring_slices(scfg)
+    score = jax.jit(scoring.in_slices(lambda params, b: scoring.completion_logprobs(
+        value.policy_of(nnx.merge(trainer.graphdef, params)), b, _temperature(scfg), return_entropy=True), slices))
+    score_values = critic.value_scorer(trainer.graphdef, int(scfg.microbatches)) if uses_critic(scfg) else None
     keys = (*common.Rollout.TOKEN_KEYS, "old_logp", "advantages", "rewards")
     snapshots = {int(s) for s in scfg.snapshot_steps}
 
     def step(state, i):
         idx = common.pool_rows(ctx, unit, i, rows, bs)
-        state, metrics = trainer.update(state, runtime.place_batch(ctx, {k: batch[k][idx] for k in keys}), None)
-        metrics = dict(metrics, epoch=float(i * bs // rows))
+        minibatch = runtime.place_batch(ctx, {k: batch[k][idx] for k in keys})
+        critic_metrics = {}
+        if score_values is not None:  # PPO: the critic's values of these rows now, and their GAE
+            old_values = score_values(state.params, minibatch)
+            adv, returns, critic_metrics = critic.advantages(
+                scfg.critic, minibatch["rewards"], old_values, minibatch["mask"], minibatch["mask"].sum(1),
+                step=i, total=int(scfg.steps))
+            minibatch.update(advantages=adv, old_values=old_values, returns=returns)
+        state, metrics = trainer.update(state, minibatch, None)
+        metrics = dict(metrics, epoch=float(i * bs // rows), **critic_metrics)
         if (i + 1) % int(scfg.track_every) == 0 or i + 1 == int(scfg.steps):
             whole = runtime.place_batch(ctx, {k: batch[k] for k in common.Rollout.TOKEN_KEYS})
             logp, entropy = score(state.params, whole)
@@ -180,9 +202,9 @@ def teacher_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
             if scfg.teacher_loss == "mse":
                 weights = np.asarray(_implicit_reward_mask(jnp.asarray(batch["mask"]), scfg.aggregation))
                 z = scfg.beta * ((np.asarray(logp) - batch["old_logp"]) * weights).sum(1)
-                metrics["explained_variance"] = explained_variance(z, batch["rewards"])
+                metrics["explained_variance"] = critic.explained_variance(z, batch["rewards"])
         if i + 1 in snapshots:
-            ctx.publish(unit, f"step{i + 1}", nnx.merge(trainer.graphdef, state.params))
+            ctx.publish(unit, f"step{i + 1}", common.current_model(trainer, state))
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, None)
@@ -198,6 +220,8 @@ TEACHER = StageKind(
     update_rows=common.rollout_update_rows,
     sampling=common.rollout_sampling,
     scored_roles=lambda scfg: ("policy",),
+    trained=critic.trained_module(uses_critic),
+    policy_of=value.policy_of,
 )
 
 

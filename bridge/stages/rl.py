@@ -13,6 +13,8 @@ optimizer updates of the policy surrogate against the stored old logprobs.
 |   seq-mean-token-sum-norm      |                                        |
 | loss=gspo / sapo / cispo       | GSPO, SAPO, CISPO (MiniMax-M1)         |
 | advantage=rloo                 | RLOO (Ahmadian et al. 2024)            |
+| advantage=gae, loss=ppo        | PPO with a critic (Schulman et al.     |
+|   (critic sub-config)          |   2017), GAE; VAPO's lambda options    |
 
 KL to a reference model is a loss term (kl_mode="loss", estimator k2 or k3: see
 `bridge.losses.kl` for which KL each one's gradient follows) or a per-sequence reward
@@ -36,7 +38,8 @@ import numpy as np
 from flax import nnx
 
 from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
-from bridge.stages import StageKind, common
+from bridge.models import value
+from bridge.stages import StageKind, common, critic
 from bridge.tasks import soft_overlong_penalty
 
 
@@ -46,8 +49,14 @@ def microbatch_weight(scfg):
     return common.token_count("row_weight") if scfg.aggregation == "token-mean" else common.row_count("row_weight")
 
 
+def uses_critic(scfg) -> bool:
+    """advantage="gae": per-token GAE advantages from a value model trained alongside (PPO)."""
+    return scfg.advantage == "gae"
+
+
 def make_loss_fn(scfg):
-    """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus."""
+    """(model, batch, frozen) -> (loss, metrics): surrogate + KL term - entropy bonus (+ the
+    critic's value loss with advantage="gae")."""
     policy = losses.policy_loss(scfg.loss, **scfg.loss_kwargs.to_dict())
     mode, max_len = scfg.aggregation, scfg.get("max_len") or None
     temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
@@ -55,13 +64,16 @@ def make_loss_fn(scfg):
     def loss_fn(model, batch, frozen):
         # The entropy (and its gradient) is computed here only when it is a loss term; the
         # reported entropy comes from the old-logprob pass, outside the differentiated step.
-        if scfg.entropy_coef:
-            logp, ent = scoring.completion_logprobs(model, batch, temperature, return_entropy=True)
-        else:
-            logp = scoring.completion_logprobs(model, batch, temperature)
+        logp, ent, values = critic.train_scores(model, batch, temperature, entropy=bool(scfg.entropy_coef),
+                                                critic=uses_critic(scfg))
         mask = batch["mask"] * batch["row_weight"][:, None]
-        adv = batch["advantages"][:, None] * batch["tis_weight"]
+        adv = batch["advantages"]
+        adv = (adv if adv.ndim == 2 else adv[:, None]) * batch["tis_weight"]
         loss, metrics = policy(logp, batch["old_logp"], adv, mask, aggregation=mode, max_len=max_len)
+        if values is not None:
+            value_loss, value_metrics = critic.value_term(scfg.critic, values, batch, mask)
+            loss = loss + value_loss
+            metrics.update(value_metrics)
         if scfg.kl_coef > 0 and scfg.kl_mode == "loss":
             kl = losses.aggregate(losses.kl_estimate(logp, batch["ref_logp"], scfg.kl_kind), mask, mode, max_len)
             loss = loss + scfg.kl_coef * kl
@@ -136,6 +148,8 @@ def models(scfg) -> dict:
 
 def batch_spec(scfg, rows: int, prompt_len: int, completion: int) -> dict:
     extra = dict(old_logp="token", advantages="row", row_weight="row", tis_weight="token")
+    if uses_critic(scfg):
+        extra.update(advantages="token", old_values="token", returns="token")
     if scfg.kl_coef > 0 and scfg.kl_mode == "loss":
         extra["ref_logp"] = "token"
     return common.rollout_batch_spec(rows, prompt_len, completion, **extra)
@@ -143,6 +157,8 @@ def batch_spec(scfg, rows: int, prompt_len: int, completion: int) -> dict:
 
 def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     check_kl(unit.id, scfg)
+    if uses_critic(scfg):
+        critic.check(unit.id, scfg.critic)
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
     temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
@@ -157,9 +173,10 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
             nnx.merge(reference_graphdef, state), batch, temperature), slices))
     trainer = common.make_trainer(ctx, kind, scfg, model, (), updates)
     score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
-        nnx.merge(trainer.graphdef, state), batch, temperature, return_entropy=True), slices))
+        kind.policy_of(nnx.merge(trainer.graphdef, state)), batch, temperature, return_entropy=True), slices))
+    score_values = critic.value_scorer(trainer.graphdef, slices) if uses_critic(scfg) else None
     data = ctx.prompts(unit, scfg.prompts_per_step)
-    estimator = adv_lib.advantage_estimator(scfg.advantage)
+    estimator = None if uses_critic(scfg) else adv_lib.advantage_estimator(scfg.advantage)
 
     def step(state, i):
         roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg,
@@ -178,7 +195,16 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
             metrics["kl_ref_seq"] = float(seq_kl.mean())
             if scfg.kl_mode == "reward":
                 rewards = rewards - scfg.kl_coef * seq_kl
-        adv = np.asarray(estimator(jnp.asarray(rewards), scfg.sampling.n)) * row_weight
+        if score_values is None:
+            adv = np.asarray(estimator(jnp.asarray(rewards), scfg.sampling.n)) * row_weight
+        else:  # PPO: per-token GAE advantages from the critic's values of this rollout
+            old_values = score_values(state.params, batch)
+            adv, returns, critic_metrics = critic.advantages(
+                scfg.critic, rewards, old_values, batch["mask"] * row_weight[:, None], roll.lengths,
+                step=i, total=int(scfg.steps))
+            adv = np.asarray(adv)
+            batch.update(old_values=old_values, returns=returns)
+            metrics.update(critic_metrics)
         batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
         tis = common.tis_weight(old_logp, sample_logp, scfg.tis_cap)
         batch.update(old_logp=old_logp, tis_weight=tis)
@@ -204,4 +230,6 @@ KIND = StageKind(
     update_rows=common.rollout_update_rows,
     sampling=common.rollout_sampling,
     scored_roles=lambda scfg: tuple(models(scfg)),
+    trained=critic.trained_module(uses_critic),
+    policy_of=value.policy_of,
 )

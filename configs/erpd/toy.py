@@ -7,7 +7,7 @@ rollouts, then distills it back into the student under a trust region.
 
 arg: comma-separated variants.
   scale:     toy (default) | smoke (seconds, for tests)
-  teacher:   ce (default: implicit-PRM cross-entropy) | grpo | sapo | mse
+  teacher:   ce (default: implicit-PRM cross-entropy) | grpo | sapo | mse | ppo (with a critic)
   strategy:  s1 (default: teacher vs rollout policy) | s2 (MSE teacher vs its step-`UNLEARNED_STEP`
              snapshot; implies mse) | s3 (push away from the teacher's step-`UNLEARNED_STEP` snapshot;
              in the iterative schedule, from round 1's student) | ensemble (s1 + s3)
@@ -21,7 +21,7 @@ arg: comma-separated variants.
 from configs import common
 from configs.sparse_to_dense import toy
 
-TEACHER_LOSSES = ("ce", "grpo", "sapo", "mse")
+TEACHER_LOSSES = ("ce", "grpo", "sapo", "mse", "ppo")
 STRATEGY_VARIANTS = ("s1", "s2", "s3", "ensemble", "current")
 SCHEDULES = ("iterative", "no_distill", "switching")
 VARIANTS = ("toy", "smoke", *TEACHER_LOSSES, *STRATEGY_VARIANTS, *SCHEDULES)

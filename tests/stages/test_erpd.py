@@ -101,13 +101,6 @@ def test_distill_models_and_checks_name_what_is_missing():
     assert erpd.distill_models(scfg) == {"policy": "student", "teacher": "erpd_teacher", "unlearned": "artifact:t/step2"}
 
 
-def test_explained_variance():
-    target = np.array([0.0, 1.0, 1.0, 0.0])
-    assert erpd.explained_variance(target, target) == 1.0
-    assert erpd.explained_variance(np.full(4, 0.5), target) == 0.0
-    np.testing.assert_allclose(erpd.explained_variance(target * 0.5 + 0.25, target), 0.75)
-
-
 def _one_distill_update(devices):
     mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
     scfg = common.erpd_distill_stage("student", 1e-2, 1, kl_coef=0.05, entropy_coef=0.01)
