@@ -214,6 +214,20 @@ def teacher_prompts(ctx, roll: common.Rollout, contexts: list[str], context_toke
     return tokens, mask
 
 
+def routes(scfg, rewards: np.ndarray, correct: np.ndarray, has_context: np.ndarray) -> tuple:
+    """(distilled rows, GRPO rows, GRPO advantages), float32[R] each. Without routing every
+    row with a context is distilled; with route="srpo" correct rows take GRPO with their
+    group's advantages (`advantage` estimator over `sampling.n` samples) and only failed rows
+    with a context are distilled."""
+    has_context = np.asarray(has_context, np.float32)
+    if scfg.route != "srpo":
+        return has_context, np.zeros_like(has_context), np.zeros_like(has_context)
+    rl_rows = np.asarray(correct, np.float32)
+    estimator = adv_lib.advantage_estimator(scfg.advantage)
+    adv = np.asarray(estimator(jnp.asarray(rewards, jnp.float32), int(scfg.sampling.n)), np.float32)
+    return has_context * (1.0 - rl_rows), rl_rows, adv * rl_rows
+
+
 def entropy_weights(entropy, mask, tau: float):
     """SRPO's entropy-aware weights (module docstring): exp(-H / tau) over the masked tokens,
     normalized to mean 1 there, 0 elsewhere."""
@@ -250,7 +264,6 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         nnx.merge(graphdef, s), b, temperature), slices))
     score_teacher = jax.jit(scoring.in_slices(lambda s, b: scoring.completion_logprobs(
         nnx.merge(graphdef, s), teacher_batch(b), scfg.teacher_temperature, return_entropy=True), slices))
-    estimator = adv_lib.advantage_estimator(scfg.advantage)
     n = int(scfg.sampling.n)
     data = ctx.prompts(unit, scfg.prompts_per_step)
 
@@ -266,13 +279,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         tries = attempts(ctx.task, roll, n, with_results=scfg.context == "sdpo")
         contexts = [ctx.task.privileged_context(e, scfg.context, a) for e, a in zip(roll.examples, tries)]
         t_tokens, t_mask = teacher_prompts(ctx, roll, contexts, int(scfg.context_tokens))
-        sd_rows = np.array([bool(c) for c in contexts], np.float32)
-        rl_rows = np.zeros(len(contexts), np.float32)
-        rl_adv = np.zeros(len(contexts), np.float32)
-        if scfg.route == "srpo":
-            rl_rows = roll.correct.astype(np.float32)
-            sd_rows = sd_rows * (1.0 - rl_rows)
-            rl_adv = np.asarray(estimator(jnp.asarray(roll.rewards), n), np.float32) * rl_rows
+        sd_rows, rl_rows, rl_adv = routes(scfg, roll.rewards, roll.correct, np.array([bool(c) for c in contexts]))
         batch, _ = common.place_rollout(ctx, roll)
         batch.update(runtime.place_batch(ctx, {"teacher_prompt_tokens": t_tokens, "teacher_prompt_mask": t_mask,
                                                "rl_weight": rl_rows, "rl_advantages": rl_adv, "sd_rows": sd_rows}))
