@@ -597,7 +597,7 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
         if stage_results:
             ctx.writer.write(unit.id, total, {f"eval_{k}": v for k, v in stage_results.items()}, replace=True)
         stage_results["eval"] = ctx.cfg.eval.to_dict()
-    stage_results["nonfinite_skipped_updates"] = _skipped_updates(ctx, unit)
+    stage_results.update(_unit_totals(ctx, unit))
     if export:
         models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -610,11 +610,14 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     os.replace(done + ".tmp", done)
 
 
-def _skipped_updates(ctx: Context, unit: Unit) -> float:
-    """The unit's updates skipped for a non-finite loss or gradient: the sum over its steps of
-    `update_skipped` (the fraction of the step's updates skipped; a count at one update a step)."""
-    total = sum(r.get("update_skipped", 0.0) for r in metrics_lib.read_metrics(ctx.workdir).get(unit.id, []))
-    return int(total) if total == int(total) else total
+def _unit_totals(ctx: Context, unit: Unit) -> dict:
+    """From the unit's step records: `nonfinite_skipped_updates`, the sum over its steps of
+    `update_skipped` (the fraction of the step's updates skipped; a count at one update a
+    step), and `train_time_s`, the sum of its step times (across resumes)."""
+    records = metrics_lib.read_metrics(ctx.workdir).get(unit.id, [])
+    skipped = sum(r.get("update_skipped", 0.0) for r in records)
+    return {"nonfinite_skipped_updates": int(skipped) if skipped == int(skipped) else skipped,
+            "train_time_s": round(sum(r.get("step_time_s", 0.0) for r in records), 2)}
 
 
 def memory_metrics() -> dict:

@@ -2,15 +2,17 @@
 
     "stages"           the results of every unit, nothing more
     "sparse_to_dense"  plus the bridge's C1/C2 conditions (`sparse_to_dense.summarize`)
+    "erpd"             plus the paper's table and KL-efficiency plot (`erpd.summarize`)
 """
 
 import json
 import os
 
 from bridge import metrics as metrics_lib, runtime
-from bridge.pipelines import sparse_to_dense
+from bridge.pipelines import erpd, sparse_to_dense
 
-SUMMARIES = {"stages": lambda cfg, workdir, results: {}, "sparse_to_dense": sparse_to_dense.summarize}
+SUMMARIES = {"stages": lambda cfg, workdir, results: {}, "sparse_to_dense": sparse_to_dense.summarize,
+             "erpd": erpd.summarize}
 
 
 def run(cfg, workdir: str) -> dict:

@@ -36,7 +36,11 @@ def get_config(arg=None):
     c = common.base()
     for key in ("tokenizer", "task", "eval", "checkpoint", "metrics"):
         c[key] = base[key]
-    c.eval.kl_reference = "stage:student_sft"  # the paper's KL to the base, after every exported stage
+    # The paper's accuracy (avg@k at T = 0.6) and KL to the base (along samples of the new
+    # policy), after every exported stage; `erpd_table.md` and the KL-efficiency plot collect them.
+    c.eval.kl_reference = "stage:student_sft"
+    if not smoke:
+        c.eval.update(num_prompts=500, n=4, temperature=0.6)
     c.models.student = base.models.student
     c.models.erpd_teacher = base.models.student  # a copy of the student, trained on the fixed batch
     c.stages.student_sft = base.stages.student_sft
@@ -60,7 +64,7 @@ def get_config(arg=None):
     elif "current" in parts:
         distill.denominator = "current"
     rounds = ROUNDS if any(p in parts for p in ("iterative", "no_distill")) else 1
-    c.pipeline.stages = ("student_sft", "block:round")
+    c.pipeline.update(name="erpd", stages=("student_sft", "block:round"))
     if "no_distill" in parts:
         # The control: each round's teacher starts from the previous round's teacher.
         c.stages.erpd_teacher.per_iteration = common.cd(init=("student",) + ("erpd_teacher",) * (rounds - 1))

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from bridge import mesh as mesh_lib, models, pipelines, runtime, scoring, train_state
+from bridge.pipelines import erpd as erpd_report
 from bridge.stages import common as stage_common, erpd
 from configs import common
 from configs.erpd import toy
@@ -155,6 +156,7 @@ def test_distill_raises_the_reward_on_the_batch(tmp_path, variant):
     results = json.loads((tmp_path / "results.json").read_text())["stages"]  # KL to the base (the SFT student)
     assert results["student_sft"]["kl_to_reference"] == 0.0
     assert results["erpd_teacher@1"]["kl_to_reference"] > 0 and results["erpd_distill@1"]["kl_to_reference"] > 0
+    assert "| 1 | student | erpd_distill@1 | student_sft |" in (tmp_path / "erpd_table.md").read_text()
 
 
 def test_strategy_3_lowers_the_likelihood_of_the_weak_policys_samples(tmp_path):
@@ -172,3 +174,20 @@ def test_strategy_3_lowers_the_likelihood_of_the_weak_policys_samples(tmp_path):
 
     before, after = mean_logp(tmp_path / "models" / "student_sft"), mean_logp(tmp_path / "models" / "erpd_distill@1")
     assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("variant,teacher_init", [("iterative", "erpd_distill@1"), ("no_distill", "erpd_teacher@1")])
+def test_the_table_names_what_each_round_started_from(variant, teacher_init):
+    """Round 2's teacher starts from round 1's student (ERPD) or round 1's teacher (the control)."""
+    cfg = toy.get_config(f"smoke,{variant}")
+    units = [u for u, _, _ in runtime.pipeline_units(cfg)][:5]
+    results = {u.id: {"accuracy": 0.1 * i, "kl_to_reference": 0.01 * i, "train_time_s": 1.0}
+               for i, u in enumerate(units)}
+    rows = {r["unit"]: r for r in erpd_report.table_rows(cfg, results)}
+    assert rows["erpd_teacher@2"]["init"] == teacher_init and rows["erpd_teacher@2"]["round"] == 2
+    assert rows["erpd_teacher@1"]["init"] == "student_sft" and rows["student_sft"]["role"] == "base"
+    assert rows["erpd_teacher@2"]["role"] == "teacher"
+    if variant == "iterative":
+        assert rows["erpd_distill@1"]["init"] == "student_sft" and rows["erpd_distill@2"]["init"] == "erpd_distill@1"
+    table = erpd_report.markdown(list(rows.values()))
+    assert table.count("\n") == len(rows) + 2 and "| 2 | teacher | erpd_teacher@2 |" in table
