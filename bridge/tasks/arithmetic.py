@@ -74,10 +74,14 @@ def carries(a: int, b: int, digits: int) -> int:
 
 
 def _draw_pairs(rng: np.random.Generator, count: int, digits: int, exclude: set, min_carries: int = 0) -> list:
-    pairs, seen = [], set(exclude)
+    pairs, seen, drawn = [], set(exclude), 0
     high = 10**digits
     while len(pairs) < count:
+        if min_carries and drawn > 1000 * (count + 100):
+            raise ValueError(f"arithmetic: could not draw {count} distinct {digits}-digit additions with at least "
+                             f"{min_carries} carries; lower num_train / num_test or min_carries.")
         draw = rng.integers(0, high, size=(max(64, 2 * (count - len(pairs))), 2))
+        drawn += len(draw)
         for a, b in draw.tolist():
             key = (min(a, b), max(a, b))
             if key not in seen and (not min_carries or carries(a, b, digits) >= min_carries):
