@@ -344,18 +344,24 @@ def make_context(cfg, workdir: str) -> Context:
 def _check_inputs(ctx: Context) -> None:
     """Reads what the run will read, so a bad input stops it at startup with one message (naming
     the file and line or tensor) and the corrected command starts clean: the train split of the
-    run's task and of each stage with its own task options, the test split when a unit
-    evaluates, and each model folder a stage loads (config.json, safetensors headers, tensor
-    names; the weights are checked finite when loaded)."""
+    run's task and of each stage with its own task options (and the reference solutions a gold
+    SFT pool trains on), the test split when a unit evaluates, each model folder a stage loads
+    (config.json, safetensors headers, tensor names; the weights are checked finite when
+    loaded), and `eval.kl_reference` (`_check_kl_reference`)."""
     from bridge import stages
     from bridge.models import hf_io
+    from bridge.stages import sft
 
     units = pipeline_units(ctx.cfg)
-    for scfg in {unit.stage: scfg for unit, scfg, _ in units}.values():
-        ctx.stage_task(scfg).examples("train")
-    if int(ctx.cfg.eval.num_prompts) and any(export for *_, export in units):
+    for stage, scfg in {unit.stage: scfg for unit, scfg, _ in units}.items():
+        task = ctx.stage_task(scfg)
+        task.examples("train")
+        if stages.kind(scfg.kind).loop is sft.loop:  # its pool: gold solutions present
+            sft.check_inputs(task, scfg, stage)
+    evaluates = int(ctx.cfg.eval.num_prompts) and any(export for *_, export in units)
+    if evaluates:
         ctx.task.examples("test")
-    folders = set()
+    folders = set(_check_kl_reference(ctx, units) if evaluates else ())
     for _, scfg, _ in units:
         for ref in stages.kind(scfg.kind).models(scfg).values():
             if ref.startswith("hf:"):
@@ -364,6 +370,60 @@ def _check_inputs(ctx: Context) -> None:
                 folders.add(ctx.cfg.models[ref].hf_dir)
     for folder in sorted(folders):
         hf_io.check_hf_dir(folder)
+
+
+def _check_kl_reference(ctx: Context, units) -> list[str]:
+    """`eval.kl_reference`, read by every evaluated unit, checked at startup so a typo stops the
+    run naming the key instead of after the first stage trained: a model slot of config.models,
+    "hf:<folder>" (checked like every model folder), or "stage:<stage>" / "artifact:<stage>/<name>"
+    naming, for each evaluated unit (resolved as `Context.resolve` does there), that unit itself
+    or one that runs before it (a stage must export its weights), or one already in the workdir.
+    Returns the slot's `hf_dir` to check with the stages' folders."""
+    from bridge.models import hf_io
+
+    ref = str(ctx.cfg.eval.get("kl_reference") or "")
+    key = f"eval.kl_reference={ref!r}"
+    if not ref:
+        return []
+    if ref.startswith("hf:"):
+        try:
+            hf_io.check_hf_dir(ref[3:])
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{key}: {error}") from error
+        return []
+    prefix = next((p for p in ("stage:", "artifact:") if ref.startswith(p)), "")
+    if not prefix:
+        if ref not in ctx.cfg.models:
+            raise ValueError(f"{key} is neither a model slot (config.models defines {sorted(ctx.cfg.models)}) nor "
+                             "a 'stage:<stage>', 'artifact:<stage>/<name>' or 'hf:<folder>' reference.")
+        return [ctx.cfg.models[ref].hf_dir] if ctx.cfg.models[ref].get("hf_dir") else []
+    if prefix == "artifact:" and not ref.partition("/")[2]:
+        raise ValueError(f"{key}: an artifact reference is 'artifact:<stage>/<name>'.")
+    order = {unit.id: (position, export) for position, (unit, _, export) in enumerate(units)}
+    try:
+        for position, (unit, _, export) in enumerate(units):
+            if not export:  # only exported units are evaluated
+                continue
+            ctx.current = unit
+            target, _, name = ctx.resolve(ref)[len(prefix):].partition("/")
+            if target == unit.id:
+                continue
+            on_disk = os.path.join(ctx.workdir, *(("models", target, DONE) if prefix == "stage:"
+                                                  else ("artifacts", target, name)))
+            if target not in order:
+                if os.path.exists(on_disk):
+                    continue
+                raise ValueError(f"{key}: the pipeline has no unit {target!r} (units: {', '.join(order)}) and "
+                                 f"{ctx.workdir} holds none.")
+            if order[target][0] > position:
+                raise ValueError(f"{key}: unit {unit.id!r} is evaluated before {target!r} runs; reference a "
+                                 "unit that runs before it, or the unit itself.")
+            if prefix == "stage:" and not order[target][1]:
+                raise ValueError(f"{key}: stage unit {target!r} does not export its weights (set export=True "
+                                 "on it, or reference an artifact it publishes).")
+    finally:
+        ctx.current = None
+    return []
 
 
 def tokenizer_from_spec(spec: str):

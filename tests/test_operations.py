@@ -44,8 +44,8 @@ def get_config(arg=None):
                                           scale=1e30, sampling=common.sampling(4, max_new_tokens=8))
         c.checkpoint.every = 1
         c.metrics.plots = False
-        if arg == "gsm8k":
-            c.task = common.cd(name="gsm8k", options=common.cd(chat=False, train_path="", test_path=""))
+        if arg in ("gsm8k", "math"):
+            c.task = common.cd(name=arg, options=common.cd(chat=False, train_path="", test_path=""))
     return c
 '''
 
@@ -239,6 +239,19 @@ def test_a_bad_data_file_is_one_line_naming_file_and_line_at_startup(tmp_path, c
     assert not (tmp_path / "run").exists()  # before the first stage trained: nothing written
 
 
+def test_a_math_file_without_solutions_for_gold_sft_is_one_line_at_startup(tmp_path, config):
+    """Answers are enough for RL and evaluation, but a gold SFT stage trains on the solutions."""
+    records = [{"problem": f"What is {k} + 1?", "answer": str(k + 1)} for k in range(4)]
+    for record in records[:2]:
+        record["solution"] = f"{record['problem'][8:-1]} = \\boxed{{{record['answer']}}}"
+    data = tmp_path / "math.jsonl"
+    data.write_bytes(_lines(*records))
+    proc = _run(f"{config}:math", tmp_path / "run", f"--config.task.options.train_path={data}",
+                f"--config.task.options.test_path={data}")
+    _failed(proc, f'{data}:3: the record has no "solution"', "stage 'student_sft'", "source='gold'")
+    assert not (tmp_path / "run").exists()
+
+
 # 5. bad weight folders
 
 
@@ -341,3 +354,20 @@ def test_changed_eval_settings_are_refused_then_allowed_and_recorded_per_unit(tm
     history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
     assert [(h["changed"], h["from_unit"]) for h in history] == [
         ({"eval.num_prompts": [16, 4], "eval.temperature": [0.0, 1.0]}, "student_sft@2")]
+
+
+# 8. model references checked at startup
+
+
+@pytest.mark.parametrize("variant, reference, named", [
+    ("", "studnt", "is neither a model slot (config.models defines ['student', 'teacher'])"),
+    ("", "stage:student_sf", "the pipeline has no unit 'student_sf'"),
+    ("", "hf:{tmp}/nowhere", "{tmp}/nowhere"),
+    ("block", "stage:student_sft@2", "unit 'student_sft@1' is evaluated before 'student_sft@2' runs"),
+])
+def test_a_bad_kl_reference_is_one_line_at_startup(tmp_path, config, variant, reference, named):
+    reference, named = reference.format(tmp=tmp_path), named.format(tmp=tmp_path)
+    proc = _run(f"{config}:{variant}" if variant else config, tmp_path / "run",
+                f"--config.eval.kl_reference={reference}", "--config.pipeline.blocks.b.repeat=2")
+    _failed(proc, f"eval.kl_reference={reference!r}", named)
+    assert not (tmp_path / "run").exists()  # before the first stage trained: nothing written

@@ -2,7 +2,8 @@
 
 Pool (built once, saved in the workdir so a resumed run reuses it):
   source="teacher": `sampling.n` teacher samples for each of `pool_prompts` prompts;
-  source="gold":    the task's reference completions (used to pretrain toy models);
+  source="gold":    the task's reference completions (used to pretrain toy models); a pool
+                    example without one stops the run at startup naming its record;
   pool_file=path:   a JSONL file of {"prompt", "completion"} texts, read instead of sampling.
 `task_options` override the run task's options for the pool (e.g. a larger train split).
 Loss:
@@ -27,6 +28,7 @@ from flax import nnx
 
 from bridge import losses, runtime, scoring
 from bridge.stages import Sampling, StageKind, common
+from bridge.tasks import loaders
 
 
 def pad_pool(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
@@ -42,10 +44,32 @@ def pad_pool(prompts: list[list[int]], targets: list[list[int]], pad_id: int) ->
     return out
 
 
+def check_solutions(task, examples, stage: str = "") -> None:
+    """A gold pool trains on each example's reference solution: one missing (a MATH file with
+    answers only) is a ValueError naming the file and line of its record."""
+    for example in examples:
+        if not isinstance(example.solution, str) or not example.solution.strip():
+            where = loaders.record_location(task, example) or f"task {task.name!r} example {example.id!r}"
+            who = f"stage {stage!r}" if stage else "a gold SFT pool"
+            raise ValueError(
+                f"{where}: the record has no \"solution\", and {who} trains on the reference solutions "
+                "(source='gold'); give every training record a solution, or build the pool with "
+                "source='teacher' or a pool_file.")
+
+
+def check_inputs(task, scfg, stage: str) -> None:
+    """What the stage will read from its task, checked at startup (`runtime._check_inputs`): the
+    pool's examples, and with source='gold' (no pool_file) their reference solutions."""
+    examples = pool_examples(task, scfg)
+    if scfg.source == "gold" and not scfg.get("pool_file"):
+        check_solutions(task, examples, stage)
+
+
 def gold_pool(ctx: runtime.Context, examples, task=None) -> dict:
     """Prompt + reference completion + eos for each example."""
     eos = [ctx.tokenizer.eos_token_id]
     task = task or ctx.task
+    check_solutions(task, examples, ctx.current.id if ctx.current is not None else "")
     return pad_pool([task.prompt_ids(e, ctx.tokenizer) for e in examples],
                     [ctx.tokenizer.encode(e.solution, add_special_tokens=False) + eos for e in examples],
                     ctx.pad_id)
@@ -79,6 +103,13 @@ def split_validation(task, scfg) -> tuple[list, list]:
     return (examples[:-held], examples[-held:]) if held else (examples, [])
 
 
+def pool_examples(task, scfg) -> list:
+    """The training examples the pool is built from: the split less the held-out validation
+    examples, the first `pool_prompts` of them when set."""
+    examples, _ = split_validation(task, scfg)
+    return examples[: int(scfg.pool_prompts)] if scfg.pool_prompts else examples
+
+
 def validation_accuracy(ctx, model, examples, scfg) -> float:
     """Greedy accuracy of `model` on held-out training examples (the stopping rule's measure)."""
     greedy = scfg.sampling.copy_and_resolve_references()
@@ -92,9 +123,7 @@ def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
         with np.load(path) as f:
             return dict(f)
     task = ctx.stage_task(scfg)
-    examples, _ = split_validation(task, scfg)
-    if scfg.pool_prompts:
-        examples = examples[: int(scfg.pool_prompts)]
+    examples = pool_examples(task, scfg)
     if scfg.get("pool_file"):
         pool = file_pool(ctx, scfg.pool_file)
     elif scfg.source == "gold":

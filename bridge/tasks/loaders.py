@@ -9,7 +9,8 @@ A path may be a file, a directory (every supported file in it, sorted) or a glob
 TFDS: `load_tfds(name, split, data_dir)` reads an already prepared builder with
 `tfds.data_source` (array_record format), decoding bytes fields to str.
 A malformed file (bad JSON or UTF-8, a record that is not an object, no records) raises one
-ValueError naming the file and the line (JSONL, JSON) or record number.
+ValueError naming the file and the line (JSONL, JSON) or record number; `record_location` names
+where an example of a file-backed task came from, for errors found after loading.
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ def load_located_records(path: str) -> list[tuple[str, dict[str, Any]]]:
 def load_records(path: str) -> list[dict[str, Any]]:
     """All records under `path` (file, directory or glob), in file order."""
     return [record for _, record in load_located_records(path)]
+
+
+def record_location(task, example) -> str | None:
+    """Where `example` of `task` was read: "file:line" (JSONL), "file (record i)", or "TFDS <name>
+    split <split> (record i)"; None when the task does not record it (synthetic tasks)."""
+    return getattr(task.load_split, "locations", {}).get(example.id)
 
 
 def _decode(value):

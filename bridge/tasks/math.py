@@ -15,8 +15,11 @@ value. Fast path in this process, no sympy: equal after normalization (spaces, $
 0.1). Otherwise math-verify (sympy) runs in a persistent worker process
 (`bridge.tasks.verifier_pool`) under a hard deadline: a hung comparison is killed and scores
 False, so no answer (huge powers, deep nesting, 10^5 characters, unbalanced braces) can stall a
-training run. Answers longer than MAX_ANSWER_CHARS are only compared as strings. Results of the
-slow path are memoized (LRU), since RL groups repeat answers.
+training run. The deadline bounds the whole call, the wait for a free worker included: when
+every worker stays busy until it passes (many threads, hostile answers), the answer scores False
+without a verdict ("busy", counted in `verifier_pool.default_pool_stats()`). Answers longer than
+MAX_ANSWER_CHARS are only compared as strings. Verdicts of the slow path (timeouts included) are
+memoized (LRU), since RL groups repeat answers; busy results are not, so the next call checks.
 
 Tasks ("gsm8k", "math", "math500", "aime") read local files or a prepared TFDS builder
 (`bridge.tasks.loaders`); prompts append INSTRUCTION; reward 1 when the extracted answer is
@@ -32,7 +35,7 @@ from typing import Any
 
 from bridge.tasks import loaders
 from bridge.tasks.base import Example, RewardResult, Task
-from bridge.tasks.verifier_pool import default_pool
+from bridge.tasks.verifier_pool import VerifierBusy, default_pool
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MAX_ANSWER_CHARS = 1000
@@ -161,11 +164,14 @@ def _as_number(s: str) -> tuple[fractions.Fraction, bool] | None:
 
 @functools.lru_cache(maxsize=65536)
 def _slow_equivalent(predicted: str, reference: str, timeout_s: float) -> bool:
+    """The worker's verdict (a timeout is one: False). Raises `VerifierBusy` when waiting for a
+    worker left no time for a verdict; lru_cache does not memoize a raised call."""
     return bool(default_pool().check(predicted, reference, timeout_s))
 
 
 def is_equivalent(predicted: str | None, reference: str | None, timeout_s: float = 5.0) -> bool:
-    """True when `predicted` and `reference` denote the same answer; never hangs past timeout_s."""
+    """True when `predicted` and `reference` denote the same answer; returns within timeout_s
+    (plus scheduling slack), waiting for a verifier worker included."""
     if not predicted or not reference:
         return False
     p, r = normalize_answer(predicted), normalize_answer(reference)
@@ -181,11 +187,14 @@ def is_equivalent(predicted: str | None, reference: str | None, timeout_s: float
         return pv == rv
     if len(predicted) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
         return False
-    return _slow_equivalent(
-        _drop_unit_words(predicted.strip().strip("$")),
-        _drop_unit_words(reference.strip().strip("$")),
-        float(timeout_s),
-    )
+    try:
+        return _slow_equivalent(
+            _drop_unit_words(predicted.strip().strip("$")),
+            _drop_unit_words(reference.strip().strip("$")),
+            float(timeout_s),
+        )
+    except VerifierBusy:  # every worker busy until the deadline: wrong for now, checked again next time
+        return False
 
 
 def make_math_reward(*, timeout_s: float = 5.0, require_boxed: bool = False):
@@ -271,6 +280,7 @@ def _math_family_task(
     max_answer_tokens_override: int | None = None,
 ) -> Task:
     paths = {"train": train_path, "test": test_path}
+    locations: dict[str, str] = {}  # example id -> "file:line" of its record (`loaders.record_location`)
 
     def load(split: str) -> list[Example]:
         records = loaders.load_split_records(
@@ -282,7 +292,10 @@ def _math_family_task(
                 examples.append(to_example(record, i, split, instruction))
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from error
+            locations.setdefault(examples[-1].id, where)
         return examples
+
+    load.locations = locations
 
     return Task(
         name=name,
