@@ -203,6 +203,21 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, config, case):
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, config):
+    """Not writable: a read-only folder for a normal user; /sys refuses even root."""
+    if os.geteuid() != 0:
+        parent = tmp_path / "read_only"
+        parent.mkdir()
+        parent.chmod(0o500)
+    elif os.path.isdir("/sys"):
+        parent = Path("/sys")
+    else:
+        pytest.skip("running as root without /sys: no folder refuses writes")
+    workdir = parent / f"run_{os.getpid()}"
+    _failed(_run(config, workdir), f"Cannot use {workdir} as the workdir: ")
+    assert not workdir.exists()
+
+
 # 4. bad data files
 
 GOOD = [{"question": f"What is {k} + 1?", "answer": f"{k} + 1 = <<{k}+1={k + 1}>>{k + 1}\n#### {k + 1}"}
