@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bridge.tasks.base import Example, RewardResult, StepCheck, Task
+from bridge.tasks.base import Example, RewardResult, StepCheck, Task, with_context_prompts
 
 ALPHABET = "0123456789+*=:,"
 OPS = ("+", "*")
@@ -203,6 +203,7 @@ def arithmetic_task(
     seed: int = 0,
     chat: bool = False,
     min_carries: int = 0,
+    context_prompts: float = 0.0,
 ) -> Task:
     """The "arithmetic" task (see the module docstring for formats and split construction)."""
     if op not in OPS:
@@ -214,7 +215,7 @@ def arithmetic_task(
                          f"got {min_carries} with op {op!r}.")
     options = dict(digits=digits, op=op, scratchpad_steps=scratchpad)
     steps_len = len(worked_steps(10**digits - 1, 10**digits - 1, digits, op)) + 1
-    return Task(
+    task = Task(
         name="arithmetic",
         load_split=lambda split: make_examples(
             split, num_train=num_train, num_test=num_test, seed=seed, min_carries=min_carries, **options
@@ -227,3 +228,4 @@ def arithmetic_task(
         context_style="text" if chat else "symbolic",
         context_separator=":",
     )
+    return with_context_prompts(task, context_prompts, seed) if context_prompts else task

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 Messages = list[dict[str, str]]
 SPLITS = ("train", "test")
 CONTEXT_MODES = ("opsd", "sdpo", "hint", "critique")
@@ -263,6 +265,34 @@ class Task:
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[last] = {**messages[last], "content": messages[last]["content"] + "\n\n" + context}
         return dataclasses.replace(example, prompt=messages)
+
+
+def with_context_prompts(task: Task, fraction: float, seed: int = 0) -> Task:
+    """`task` whose train prompts carry, with probability `fraction` each, a privileged context
+    of a mode drawn uniformly from those the task supplies, about a synthetic failed attempt
+    (the solution with one digit changed; for "sdpo" a correct peer half of the time), so a
+    small model trained on it (SFT on the solutions) learns to read contexts as a pretrained
+    model does before self-distillation. Test prompts stay plain."""
+    modes = [m for m in CONTEXT_MODES if m != "critique" or task.step_checker is not None]
+
+    def load_split(split: str) -> list[Example]:
+        examples = list(task.load_split(split))
+        if split != "train":
+            return examples
+        rng = np.random.default_rng([seed, 3])
+        out = []
+        for e in examples:
+            digits = [k for k, ch in enumerate(e.solution or "") if ch.isdigit()]
+            if rng.random() >= fraction or not digits:
+                out.append(e)
+                continue
+            k = digits[rng.integers(len(digits))]
+            text = e.solution[:k] + str((int(e.solution[k]) + rng.integers(1, 10)) % 10) + e.solution[k + 1:]
+            attempt = Attempt(text, task.reward(text, e), e.solution if rng.random() < 0.5 else "")
+            out.append(task.teacher_example(e, task.privileged_context(e, modes[rng.integers(len(modes))], attempt)))
+        return out
+
+    return dataclasses.replace(task, load_split=load_split, _cache={})
 
 
 def hindsight_hint(attempt: str, solution: str) -> str:

@@ -16,6 +16,9 @@ arg: comma-separated variants.
   loss:     jsd (default, beta 0.5) | sampled (sampled-token reverse KL as a dense advantage) |
             rkl | fkl | ce (DistIL forward cross-entropy) | topk (reverse KL over the teacher's
             top 4 plus a tail bucket)
+  base:     read_contexts: half of the base's SFT prompts carry a context about a synthetic
+            failed attempt (`bridge.tasks.base.with_context_prompts`). Without it the base has
+            never seen a context, and its self-teacher cannot read one (a pretrained LM can).
 The tokenizer holds the task's whole alphabet (the contexts are written in it, ":" between
 context and prompt), so the base's SFT is the bridge toy's recipe over a larger vocabulary.
 """
@@ -29,7 +32,7 @@ TEACHERS = ("frozen", "live", "ema")
 LOSSES = {"jsd": {}, "sampled": dict(loss="sampled_reverse_kl", advantage_norm="whiten"),
           "rkl": dict(loss="reverse_kl"), "fkl": dict(loss="forward_kl"), "ce": dict(loss="forward_ce"),
           "topk": dict(loss="reverse_kl", divergence_top_k=4)}
-VARIANTS = ("toy", "smoke", *METHODS, *TEACHERS, *LOSSES)
+VARIANTS = ("toy", "smoke", "read_contexts", *METHODS, *TEACHERS, *LOSSES)
 HARD = common.cd(min_carries=4)
 
 
@@ -47,6 +50,7 @@ def get_config(arg=None):
     c.models.student = base.models.student
     c.stages.student_sft = base.stages.student_sft
     c.stages.student_sft.task_options.min_carries = 0  # the base learns the plain task
+    c.stages.student_sft.task_options.context_prompts = 0.5 if "read_contexts" in parts else 0.0
     gen = common.sampling(8, max_new_tokens=8)
     if method == "grpo":
         c.stages.student_rl = common.rl_stage("student", 3e-4, 200, sampling=gen)

@@ -252,10 +252,7 @@ def _learning_run(tmp_path, variant, steps=8, **overrides):
     return out
 
 
-@pytest.mark.parametrize("variant", ["opsd", pytest.param("sdpo", marks=pytest.mark.slow),
-                                     pytest.param("hint", marks=pytest.mark.slow),
-                                     pytest.param("critique", marks=pytest.mark.slow),
-                                     pytest.param("srpo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["opsd", "sdpo", "hint", "critique", pytest.param("srpo", marks=pytest.mark.slow)])
 def test_the_teacher_student_divergence_falls(tmp_path, variant):
     """A frozen self-teacher with the variant's context on 4 fixed hard prompts: the distilled
     divergence of the last steps is below that of the first steps."""

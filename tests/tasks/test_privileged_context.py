@@ -127,3 +127,17 @@ def test_the_hard_split_has_long_carry_chains_and_disjoint_splits(min_carries):
         get_task("arithmetic", digits=2, op="*", min_carries=1)
     with pytest.raises(ValueError, match="could not draw 21 distinct 1-digit additions with at least 1 carries"):
         get_task("arithmetic", digits=1, num_train=21, num_test=5, min_carries=1).examples("train")  # 25 exist
+
+
+def test_context_prompts_teach_reading_contexts_on_train_prompts_only():
+    plain = get_task("arithmetic", digits=4, num_train=400, num_test=20)
+    mixed = get_task("arithmetic", digits=4, num_train=400, num_test=20, context_prompts=0.5)
+    assert mixed.examples("test") == plain.examples("test")
+    with_context = 0
+    for p, m in zip(plain.examples("train"), mixed.examples("train")):
+        assert (m.id, m.answer, m.solution) == (p.id, p.answer, p.solution)
+        if m.prompt != p.prompt:
+            context, sep, rest = m.prompt.partition(":")
+            assert rest == p.prompt and context and set(context) <= set("0123456789+=,")
+            with_context += 1
+    assert 0.4 < with_context / 400 < 0.6
