@@ -6,23 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-# Timings and memory differ between two runs of the same computation; everything else must match.
-VOLATILE_SUFFIXES = ("_s", "_per_s", "_gib")
-
-
-def train_cmd(config, workdir, *overrides):
-    return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}", *overrides]
-
-
-def run_train(config, workdir, *overrides, timeout=900):
-    return subprocess.run(train_cmd(config, workdir, *overrides), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+from launch_helpers import REPO, run_train, stable_records, train_cmd
 
 
 def test_smoke_bridge_runs_end_to_end(tmp_path):
@@ -70,9 +58,7 @@ def get_config(arg=None):
 
 
 def _final(workdir):
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    records = [{k: v for k, v in r.items() if not k.endswith(VOLATILE_SUFFIXES)} for r in records]
-    return load_file(str(workdir / "models" / "opd" / "model.safetensors")), records
+    return load_file(str(workdir / "models" / "opd" / "model.safetensors")), stable_records(workdir)
 
 
 def test_resume_after_sigkill_matches_straight_run(tmp_path):

@@ -2,6 +2,10 @@
 toy runs showing each strategy's intended direction."""
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import chex
 import jax
@@ -15,7 +19,9 @@ from bridge.pipelines import erpd as erpd_report
 from bridge.stages import common as stage_common, erpd
 from configs import common
 from configs.erpd import toy
+from safetensors.numpy import load_file
 from stage_helpers import hand_batch, reference_logp, tiny_model
+from launch_helpers import REPO, run_train, stable_records, train_cmd
 
 
 def _jnp(batch):
@@ -191,3 +197,52 @@ def test_the_table_names_what_each_round_started_from(variant, teacher_init):
         assert rows["erpd_distill@1"]["init"] == "student_sft" and rows["erpd_distill@2"]["init"] == "erpd_distill@1"
     table = erpd_report.markdown(list(rows.values()))
     assert table.count("\n") == len(rows) + 2 and "| 2 | teacher | erpd_teacher@2 |" in table
+
+
+def _kill_when(workdir, ready, overrides):
+    """Starts the 2-round smoke run on `workdir`, SIGKILLs it once `ready()` holds."""
+    proc = subprocess.Popen(train_cmd("configs/erpd/toy.py:smoke,iterative", workdir, *overrides), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 600
+    while not ready():
+        assert proc.poll() is None, "the run ended before the kill point: " + proc.communicate()[1][-2000:].decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _cursor(workdir):
+    try:
+        return json.loads((workdir / "cursor.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _final_state(workdir):
+    return load_file(str(workdir / "models" / "erpd_distill@2" / "model.safetensors")), stable_records(workdir)
+
+
+@pytest.mark.slow  # four launches of a two-round run: about 2-4 minutes on 2 cores
+def test_round_2_resumes_after_sigkill_inside_and_between_its_stages(tmp_path):
+    """Killed inside round 2's teacher, between its teacher and its distillation, and inside the
+    distillation, resumed each time: weights and metrics equal an uninterrupted run."""
+    overrides = ("--config.pipeline.blocks.round.repeat=2", "--config.checkpoint.every=1",
+                 "--config.metrics.plots=False", "--config.metrics.progress=False")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = run_train("configs/erpd/toy.py:smoke,iterative", straight, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill_points = [lambda: _cursor(killed).get("stage") == "erpd_teacher@2" and _cursor(killed).get("step", 0) >= 2,
+                   lambda: (killed / "stages" / "erpd_teacher@2" / "DONE.json").exists(),
+                   lambda: _cursor(killed).get("stage") == "erpd_distill@2" and _cursor(killed).get("step", 0) >= 2]
+    for ready in kill_points:
+        _kill_when(killed, ready, overrides)
+    assert not (killed / "stages" / "erpd_distill@2" / "DONE.json").exists()
+    resumed = run_train("configs/erpd/toy.py:smoke,iterative", killed, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params_a, records_a = _final_state(straight)
+    params_b, records_b = _final_state(killed)
+    assert records_a == records_b
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
