@@ -48,17 +48,18 @@ def _jnp(batch):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _row_logits(model, prompt, prompt_mask, tokens):
-    """Logits [N, V] predicting each completion token of one row, from its unpadded sequence."""
-    seq = np.concatenate([prompt[prompt_mask], tokens])[None]
-    p = int(prompt_mask.sum())
-    return np.asarray(model(seq), np.float64)[0, p - 1:p - 1 + len(tokens)]
-
-
 def _loop_logits(model, batch, teacher=False):
+    """Logits [B, N, V] predicting each completion token, each row from its own unpadded
+    sequence (one model call per row, no attention mask)."""
     key = "teacher_prompt" if teacher else "prompt"
-    return np.stack([_row_logits(model, batch[f"{key}_tokens"][r], batch[f"{key}_mask"][r], batch["tokens"][r])
-                     for r in range(len(batch["tokens"]))])
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, seq: nnx.merge(graphdef, st)(seq))
+    rows = []
+    for prompt, prompt_mask, tokens in zip(batch[f"{key}_tokens"], batch[f"{key}_mask"], batch["tokens"]):
+        p = int(prompt_mask.sum())
+        logits = forward(state, np.concatenate([prompt[prompt_mask], tokens])[None])
+        rows.append(np.asarray(logits, np.float64)[0, p - 1:p - 1 + len(tokens)])
+    return np.stack(rows)
 
 
 def _log_softmax(logits):
