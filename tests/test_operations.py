@@ -23,8 +23,7 @@ from safetensors.numpy import load_file, save_file
 from bridge import losses, models, scoring
 from bridge.stages import rl
 
-REPO = Path(__file__).resolve().parents[1]
-VOLATILE_SUFFIXES = ("_s", "_per_s", "_gib")
+from launch_helpers import REPO, stable_records
 
 CONFIG = '''
 from configs import common
@@ -112,8 +111,7 @@ def _snapshot(workdir) -> dict:
 
 
 def _records(workdir):
-    records = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith(VOLATILE_SUFFIXES)} for r in records]
+    return stable_records(workdir)
 
 
 def _wait_for_step(proc, workdir, step):
@@ -331,6 +329,26 @@ def test_a_resume_after_a_kill_during_export_records_the_evaluation_once(tmp_pat
     _ok(_run(config, workdir))
     assert _records(workdir) == straight
     assert (workdir / "models" / "student_sft" / "STAGE_DONE").exists()
+
+
+def test_a_real_sigkill_during_the_evaluation_and_export_resumes_to_the_same_records(tmp_path, config):
+    """SIGKILL once the stage's last step is saved and before it is done (its held-out
+    evaluation on 2,000 prompts, then the weights): the resumed run equals a straight one."""
+    big_eval = ("--config.eval.num_prompts=2000", "--config.eval.batch_size=250",
+                "--config.task.options.num_test=2000")
+    straight = tmp_path / "straight"
+    _ok(_run(config, straight, *big_eval))
+    workdir = tmp_path / "killed"
+    proc = _start(config, workdir, *big_eval)
+    _wait_for_step(proc, workdir, 2)  # the cursor moves after the last checkpoint is saved
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (workdir / "stages" / "student_sft" / "DONE.json").exists(), "killed too late"
+    _ok(_run(config, workdir, *big_eval))
+    records = _records(workdir)
+    assert records == _records(straight) and sum("eval_accuracy" in r for r in records) == 1
+    a, b = (load_file(str(w / "models" / "student_sft" / "model.safetensors")) for w in (straight, workdir))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 # 7. and 9. skipped non-finite updates in the results; resumes with changed settings
