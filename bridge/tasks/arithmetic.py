@@ -19,8 +19,10 @@ column addition produces them. For addition the failing digit's step is its colu
 "a_i+b_i+c_i=t" (c_i the true incoming carry; the last column is the final carry, "0+0+c=c"),
 so the critique names the column and the carry the attempt got wrong; for multiplication it is
 "i=d" (digit i from the right should be d). A malformed answer fails at its first digit.
-Privileged contexts are symbolic (`Task.context_style`), in ALPHABET: the teacher reads
-"<context>:<prompt>".
+Privileged contexts are symbolic (`Task.context_style`) in the characters of a prompt, so the
+toy tokenizer "char:0123456789+=" reads them: the teacher reads "<context>=<prompt>", with "="
+between a context's fields too (SDPO's "14128=0=14118": the attempt, its verdict, a correct
+peer).
 
 Hard split: `min_carries` > 0 keeps only addition problems with at least that many carries
 (long carry chains, the skill a small model learns last; same length and format as the plain
@@ -226,6 +228,6 @@ def arithmetic_task(
         stop_strings=("\n",),
         step_checker=make_step_checker(**options),
         context_style="text" if chat else "symbolic",
-        context_separator=":",
+        context_separator="=",
     )
     return with_context_prompts(task, context_prompts, seed) if context_prompts else task

@@ -120,7 +120,8 @@ class Task:
     step_checker: (completion_text, example) -> StepCheck, for step-aligned critiques; None
       when the task cannot check steps.
     context_style: "text" (English) or "symbolic" (the task's own symbols) privileged contexts.
-    context_separator: between the context and a raw-text prompt in the teacher's prompt.
+    context_separator: between the context and a raw-text prompt in the teacher's prompt (and
+      between the fields of a symbolic context).
     """
 
     name: str
@@ -229,7 +230,7 @@ class Task:
         """SDPO's context: the verdict on the attempt's answer, and a correct peer attempt."""
         answer, ok = attempt.result.extracted_answer or "", attempt.result.score >= 1.0
         if self.context_style == "symbolic":
-            return ",".join([answer, str(int(ok))] + ([attempt.peer] if attempt.peer else []))
+            return self.context_separator.join([answer, str(int(ok))] + ([attempt.peer] if attempt.peer else []))
         verdict = (f"the answer {answer} is {'correct' if ok else 'incorrect'}." if answer
                    else "no final answer could be read from it.")
         text = f"Feedback on a previous attempt: {verdict}"

@@ -19,7 +19,8 @@ intermediate equations "x op y = v", innermost first (post-order, left to right)
 reference solution builds its target. A step fails when it uses a number that is not available
 (not given, or already used), divides by zero, or, for the last step, does not reach the
 target; an unparsable expression fails at step 0. Privileged contexts are symbolic
-(`Task.context_style`), in ALPHABET: the teacher reads "<context>:<prompt>".
+(`Task.context_style`), in ALPHABET: the teacher reads "<context>:<prompt>" (":" between a
+context's fields too).
 """
 
 from __future__ import annotations

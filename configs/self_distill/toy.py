@@ -19,11 +19,10 @@ arg: comma-separated variants.
   base:     read_contexts: half of the base's SFT prompts carry a context about a synthetic
             failed attempt (`bridge.tasks.base.with_context_prompts`). Without it the base has
             never seen a context, and its self-teacher cannot read one (a pretrained LM can).
-The tokenizer holds the task's whole alphabet (the contexts are written in it, ":" between
-context and prompt), so the base's SFT is the bridge toy's recipe over a larger vocabulary.
+The contexts are written in the prompt's characters ("=" between context and prompt), so the
+tokenizer, and with it the base, is the bridge toy's.
 """
 
-from bridge.tasks import arithmetic
 from configs import common
 from configs.sparse_to_dense import toy
 
@@ -43,9 +42,8 @@ def get_config(arg=None):
     base = toy.get_config("smoke" if smoke else None)
     base.unlock()
     c = common.base()
-    for key in ("task", "eval", "checkpoint", "metrics"):
+    for key in ("tokenizer", "task", "eval", "checkpoint", "metrics"):
         c[key] = base[key]
-    c.tokenizer = "char:" + arithmetic.ALPHABET
     c.task.options.update(HARD)
     c.models.student = base.models.student
     c.stages.student_sft = base.stages.student_sft

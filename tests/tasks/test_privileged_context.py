@@ -83,15 +83,15 @@ def test_each_context_mode_in_symbols_and_the_teacher_prompt():
     wrong = Attempt("14128", task.reward("14128", example), peer="14118")
     right = Attempt("14118", task.reward("14118", example))
     assert task.privileged_context(example, "opsd") == "14118"
-    assert task.privileged_context(example, "sdpo", wrong) == "14128,0,14118"
-    assert task.privileged_context(example, "sdpo", right) == "14118,1"
+    assert task.privileged_context(example, "sdpo", wrong) == "14128=0=14118"
+    assert task.privileged_context(example, "sdpo", right) == "14118=1"
     assert task.privileged_context(example, "hint", wrong) == "1411"
     assert task.privileged_context(example, "critique", wrong) == "2+9+0=11"  # column 2: 2 + 9, no carry in
     for mode in ("hint", "critique"):
         assert task.privileged_context(example, mode, right) == ""
     teacher = task.teacher_example(example, "14118")
-    tokenizer = char_tokenizer("0123456789+*=:,")
-    assert tokenizer.decode(task.prompt_ids(teacher, tokenizer)) == "14118:5221+8897="
+    tokenizer = char_tokenizer("0123456789+=")  # the toy's: every context character is in it
+    assert tokenizer.decode(task.prompt_ids(teacher, tokenizer)) == "14118=5221+8897="
     assert task.teacher_example(example, "") is example
 
 
@@ -137,7 +137,7 @@ def test_context_prompts_teach_reading_contexts_on_train_prompts_only():
     for p, m in zip(plain.examples("train"), mixed.examples("train")):
         assert (m.id, m.answer, m.solution) == (p.id, p.answer, p.solution)
         if m.prompt != p.prompt:
-            context, sep, rest = m.prompt.partition(":")
-            assert rest == p.prompt and context and set(context) <= set("0123456789+=,")
+            context = m.prompt[:-len("=" + p.prompt)]
+            assert m.prompt.endswith("=" + p.prompt) and context and set(context) <= set("0123456789+=")
             with_context += 1
     assert 0.4 < with_context / 400 < 0.6
