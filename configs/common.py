@@ -45,9 +45,11 @@ def base() -> ml_collections.ConfigDict:
 
 def sampling(n: int = 8, **kw) -> ml_collections.ConfigDict:
     """Every sampling stage's rollout settings: n samples per prompt, temperature (0 = greedy),
-    top_p, top_k, min_p, max_new_tokens and extra stop token ids (besides the tokenizer's eos)."""
+    top_p, top_k, min_p, max_new_tokens and extra stop token ids (besides the tokenizer's eos).
+    proxy: proxy-tuning (Liu et al. 2024), the sampled model's logits plus alpha * (expert -
+    antiexpert) at every decode step; expert and antiexpert are model references ("" = off)."""
     return cd(**{"n": n, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 16,
-                 "stop_ids": (), **kw})
+                 "stop_ids": (), "proxy": cd(expert="", antiexpert="", alpha=1.0), **kw})
 
 
 def block(stages: tuple, repeat: int) -> ml_collections.ConfigDict:
@@ -68,12 +70,15 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
     Batching: prompts_per_step * sampling.n rollout rows per step, sampled sample_batch_size
     prompts at a time (0: all); minibatches optimizer updates per step, each accumulated over
     microbatches slices of its rows (the scoring passes use slices of the same size).
+    guidance (GHPO): enabled=True re-samples each group with no correct rollout after the first
+    fractions[0] of its reference solution, then the next fraction while it still has none.
     """
     s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, sampling=sampling(),
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
            advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", reference="", entropy_coef=0.0,
            sample_batch_size=0, minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
-           overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, critic=critic(), optimizer=optimizer(lr))
+           overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, critic=critic(),
+           guidance=cd(enabled=False, fractions=(0.25, 0.5, 0.75)), optimizer=optimizer(lr))
     s.update(kw)
     return s
 

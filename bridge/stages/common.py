@@ -200,34 +200,88 @@ class Rollout:
 
 
 def sample_rollout(ctx: runtime.Context, model, examples: Sequence, sampling_cfg, *, seed: int,
-                   chunk_prompts: int = 0) -> Rollout:
+                   chunk_prompts: int = 0, prefixes: Sequence[str] | None = None) -> Rollout:
     """Samples `sampling_cfg.n` completions per prompt and scores them with the task's verifier.
 
     With chunk_prompts > 0 the prompts are sampled that many at a time (the KV cache of one
-    chunk is alive at once), chunk j from seed + j.
+    chunk is alive at once), chunk j from seed + j. `prefixes` (one string per example, GHPO's
+    guidance): each prompt is followed by its prefix, which the policy continues; the rollout's
+    prompt tokens hold prompt + prefix, its texts the continuation alone, and the verifier
+    scores prefix + continuation (`guided_prompt_ids`). `sampling_cfg.proxy` with an expert
+    and an anti-expert reference decodes proxy-tuned (`proxy_models`).
     """
     chunk = int(chunk_prompts) or len(examples)
+    prefixes = list(prefixes) if prefixes is not None else [""] * len(examples)
+    if len(prefixes) != len(examples):
+        raise ValueError(f"sample_rollout: {len(prefixes)} prefixes for {len(examples)} examples.")
     t0 = time.perf_counter()
-    parts = [_sample_chunk(ctx, model, examples[j:j + chunk], sampling_cfg, seed=seed + j)
+    parts = [_sample_chunk(ctx, model, examples[j:j + chunk], sampling_cfg, seed=seed + j,
+                           prefixes=prefixes[j:j + chunk])
              for j in range(0, len(examples), chunk)]
     out = Rollout.concat(parts)
     return dataclasses.replace(out, sample_tokens_per_s=float(out.lengths.sum()) / max(time.perf_counter() - t0, 1e-9))
 
 
-def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: int) -> Rollout:
+def guided_prompt_ids(task, example, prefix: str, tokenizer) -> list[int]:
+    """The prompt of `example` followed by `prefix`, the start of the response: raw-text tasks
+    tokenize prompt + prefix as one text, chat tasks append the prefix's tokens after the
+    generation prompt (the assistant turn begins with it). No prefix: `task.prompt_ids`."""
+    if not prefix:
+        return task.prompt_ids(example, tokenizer)
+    encode = lambda text: [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]  # noqa: E731
+    if not task.chat:
+        return encode(task.prompt_text(example) + prefix)
+    return task.prompt_ids(example, tokenizer) + encode(prefix)
+
+
+def proxy_models(ctx: runtime.Context, sc, model):
+    """(expert, antiexpert, alpha) for `sampling.generate(proxy=...)` from the sampling
+    sub-config's `proxy` (model references, `ctx.model`), or None when it names no expert.
+    Proxy-tuning (Liu et al. 2024): the sampled model's logits plus alpha * (expert -
+    antiexpert) at every step. References other than slots are loaded once per context (a
+    slot is the live model of that name); every vocabulary must equal the sampled model's."""
+    proxy = sc.get("proxy")
+    if proxy is None or not (proxy.get("expert") or proxy.get("antiexpert")):
+        return None
+    where = f"Stage {ctx.current.id!r}" if ctx.current is not None else "Sampling"
+    if not (proxy.get("expert") and proxy.get("antiexpert")):
+        raise ValueError(f"{where}: sampling.proxy needs both an expert and an anti-expert model reference "
+                         f"(got expert={proxy.get('expert')!r}, antiexpert={proxy.get('antiexpert')!r}).")
+    cache = ctx.__dict__.setdefault("_proxy_models", {})
+    pair = []
+    for role in ("expert", "antiexpert"):
+        ref = ctx.resolve(proxy[role])
+        if ref.startswith(("hf:", "stage:", "artifact:")):
+            if ref not in cache:
+                cache[ref] = ctx.model(ref)
+            found = cache[ref]
+        else:
+            found = ctx.model(ref)
+        if found.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"{where}: the proxy {role} {proxy[role]!r} has {found.config.vocab_size} tokens, the "
+                             f"sampled model {model.config.vocab_size}; proxy-tuning needs one shared vocabulary.")
+        pair.append(found)
+    return pair[0], pair[1], float(proxy.get("alpha", 1.0))
+
+
+def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: int, prefixes: Sequence[str] = ()) -> Rollout:
     n = int(sc.n)
-    out = sampling.generate(model, [ctx.task.prompt_ids(e, ctx.tokenizer) for e in examples],
+    prefixes = list(prefixes) or [""] * len(examples)
+    prompts = [guided_prompt_ids(ctx.task, e, p, ctx.tokenizer) for e, p in zip(examples, prefixes)]
+    out = sampling.generate(model, prompts,
                             max_new_tokens=int(sc.max_new_tokens), temperature=float(sc.temperature),
                             top_p=float(sc.top_p), top_k=int(sc.top_k), min_p=float(sc.get("min_p", 0.0)),
                             eos_ids=tuple(ctx.eos_ids) + tuple(int(t) for t in sc.get("stop_ids", ())),
-                            pad_id=ctx.pad_id, n=n, seed=seed, mesh=ctx.mesh, rules=ctx.rules)
+                            pad_id=ctx.pad_id, n=n, seed=seed, mesh=ctx.mesh, rules=ctx.rules,
+                            proxy=proxy_models(ctx, sc, model))
     host = jax.device_get({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
                            "tokens": out.tokens, "mask": out.mask, "sample_logp": out.logprobs,
                            "finish_reason": out.finish_reason, "lengths": out.lengths})
     texts = runtime.decode_completions(ctx.tokenizer, host["tokens"], host["mask"], ctx.eos_ids)
     rows = [e for e in examples for _ in range(n)]
+    heads = [p for p in prefixes for _ in range(n)]
     truncated = host.pop("finish_reason") == sampling.FINISH_LENGTH
-    results = [ctx.task.reward(t, e, truncated=bool(c)) for t, e, c in zip(texts, rows, truncated)]
+    results = [ctx.task.reward(h + t, e, truncated=bool(c)) for h, t, e, c in zip(heads, texts, rows, truncated)]
     return Rollout(**host, truncated=truncated, rewards=np.array([r.score for r in results], np.float32),
                    format_ok=np.array([r.format_ok for r in results], np.float32), texts=tuple(texts),
                    examples=tuple(rows))

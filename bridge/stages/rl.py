@@ -28,6 +28,23 @@ sampler's log-probability before top-k/top-p truncation, so the ratio is the mis
 DAPO's dynamic sampling keeps a group when 0 < #correct < G on the verifier's accuracy
 (as verl filters); the overlong penalty shapes the rewards of the kept groups only.
 Sequence-mean aggregations average over the rows that count (row weight > 0).
+
+GHPO's adaptive guidance (Liu et al. 2025, "GHPO: Adaptive Guidance for Stable and Efficient
+LLM Reinforcement Learning"), guidance.enabled: a group with no correct rollout is sampled
+again with the first guidance.fractions[0] of its reference solution (`Task.guidance`) after
+the prompt, then with the next fraction while it still has none (0.25 -> 0.5 -> 0.75); the
+last guided group replaces the unguided one, and groups with a correct rollout (and groups
+whose example has no solution) keep plain RL. The prefix is the start of the response: the
+policy continues it, the verifier scores prefix + continuation, and the policy is trained
+conditioned on the guided prompt, as GHPO does: the batch's prompt is prompt + prefix, so
+the old, sampler, reference logprobs and the critic's values are all of the continuation
+given the guided prompt, and the loss mask covers the generated continuation only. Guidance
+runs before DAPO's filter (a guided group with 0 < #correct < G is informative). Metrics per
+step: guidance_fired_frac (groups with no correct unguided rollout), guidance_fraction_mean
+(the prefix fraction each fired group ended at), guidance_solved_frac and guidance_accuracy
+(of the fired groups' final samples), guidance_f<percent>_groups / _accuracy (per fraction
+tried), and accuracy_unguided (the plain samples' accuracy; `accuracy` is of the batch
+trained on, guided rows included).
 """
 
 from __future__ import annotations
@@ -102,13 +119,80 @@ def informative_groups(correct: np.ndarray, group_size: int) -> np.ndarray:
     return (hits > 0) & (hits < group_size)
 
 
-def collect(ctx, model, data, scfg, seeds) -> tuple[common.Rollout, np.ndarray]:
+class GuidanceStats:
+    """Counts of one step's GHPO guidance, summed over its prompt draws (`metrics`)."""
+
+    def __init__(self, fractions):
+        self.fractions = tuple(float(f) for f in fractions)
+        self.groups = self.fired = self.solved = self.unguidable = 0
+        self.plain_correct = self.plain_rows = self.final_correct = self.final_rows = 0
+        self.fraction_sum = 0.0
+        self.at = {f: [0, 0, 0] for f in self.fractions}  # fraction -> [groups, correct rows, rows]
+
+    def metrics(self) -> dict:
+        out = {"guidance_fired_frac": self.fired / max(self.groups, 1),
+               "guidance_fraction_mean": self.fraction_sum / max(self.fired - self.unguidable, 1),
+               "guidance_solved_frac": self.solved / max(self.fired - self.unguidable, 1),
+               "guidance_accuracy": self.final_correct / max(self.final_rows, 1),
+               "guidance_unguidable_frac": self.unguidable / max(self.groups, 1),
+               "accuracy_unguided": self.plain_correct / max(self.plain_rows, 1)}
+        for f, (groups, correct, rows) in self.at.items():
+            name = f"guidance_f{round(100 * f)}"
+            out[f"{name}_groups"] = float(groups)
+            out[f"{name}_accuracy"] = correct / max(rows, 1)
+        return out
+
+
+def guide(ctx, model, roll: common.Rollout, scfg, seeds, stats: GuidanceStats) -> common.Rollout:
+    """GHPO on one sampled batch (see the module docstring): each group of `roll` with no
+    correct rollout is sampled again after a growing prefix of its reference solution until
+    one is correct or the fractions run out; returns the rollout with those groups replaced
+    (same group order). `seeds(level)` is the sampling seed of the level-th fraction."""
+    n = int(scfg.sampling.n)
+    hits = roll.correct.reshape(-1, n).sum(axis=1)
+    groups = [roll.rows(slice(g * n, (g + 1) * n)) for g in range(len(hits))]
+    fired = [g for g in range(len(hits)) if hits[g] == 0]
+    pending = [g for g in fired if groups[g].examples[0].solution]
+    guided, ended_at = list(pending), {}
+    for level, fraction in enumerate(stats.fractions):
+        if not pending:
+            break
+        examples = [groups[g].examples[0] for g in pending]
+        # Padded to a power of two (copies of the last prompt, dropped after sampling), so a run
+        # compiles the sampler for a few batch sizes, not for every count of unsolved groups.
+        width = min(1 << (len(examples) - 1).bit_length(), len(hits))
+        padded = examples + [examples[-1]] * (width - len(examples))
+        again = common.sample_rollout(ctx, model, padded, scfg.sampling, seed=seeds(level),
+                                      chunk_prompts=scfg.sample_batch_size,
+                                      prefixes=[ctx.task.guidance(e, fraction) for e in padded])
+        counts = stats.at[fraction]
+        for k, g in enumerate(pending):
+            groups[g] = again.rows(slice(k * n, (k + 1) * n))
+            ended_at[g] = fraction
+            counts[0] += 1
+            counts[1] += int(groups[g].correct.sum())
+            counts[2] += n
+        pending = [g for g in pending if not groups[g].correct.any()]
+    stats.groups += len(hits)
+    stats.fired += len(fired)
+    stats.unguidable += len(fired) - len(guided)
+    stats.plain_correct += int(roll.correct.sum())
+    stats.plain_rows += len(roll.correct)
+    stats.fraction_sum += sum(ended_at.values())
+    stats.solved += sum(int(groups[g].correct.any()) for g in guided)
+    stats.final_correct += sum(int(groups[g].correct.sum()) for g in guided)
+    stats.final_rows += n * len(guided)
+    return common.Rollout.concat(groups) if groups else roll
+
+
+def collect(ctx, model, data, scfg, seeds, stats: GuidanceStats | None = None) -> tuple[common.Rollout, np.ndarray]:
     """Rollouts for one step and a row weight [R] (0 on groups DAPO's filter drops).
 
     Without dynamic sampling: one batch of prompts. With it: keeps drawing prompt batches
     (up to max_refills more) until prompts_per_step informative groups are found; if they
     are not, uninformative groups fill the batch with weight 0, so shapes stay fixed.
-    `seeds(attempt)` is the sampling seed of each draw.
+    `seeds(attempt)` is the sampling seed of each draw. With `stats` (guidance enabled), each
+    draw's unsolved groups are guided first (`guide`), their seeds `seeds("<attempt>/guide<level>")`.
     """
     n = scfg.sampling.n
     kept, spare = [], []
@@ -116,6 +200,8 @@ def collect(ctx, model, data, scfg, seeds) -> tuple[common.Rollout, np.ndarray]:
         examples = next(data).examples
         roll = common.sample_rollout(ctx, model, examples, scfg.sampling, seed=seeds(attempt),
                                      chunk_prompts=scfg.sample_batch_size)
+        if stats is not None:
+            roll = guide(ctx, model, roll, scfg, lambda level, a=attempt: seeds(f"{a}/guide{level}"), stats)
         if not scfg.dynamic_sampling:
             return roll, np.ones(len(roll.rewards), np.float32)
         good = informative_groups(roll.correct, n)
@@ -126,6 +212,18 @@ def collect(ctx, model, data, scfg, seeds) -> tuple[common.Rollout, np.ndarray]:
     groups = (kept + spare)[: scfg.prompts_per_step]
     weight = np.repeat([1.0 if i < len(kept) else 0.0 for i in range(len(groups))], n).astype(np.float32)
     return common.Rollout.concat(groups), weight
+
+
+def check_guidance(name: str, scfg, task) -> None:
+    """guidance.fractions: increasing, each in (0, 1]; the task's training examples need
+    reference solutions (`Example.solution`) to guide with."""
+    fractions = [float(f) for f in scfg.guidance.fractions]
+    if not fractions or any(not 0 < f <= 1 for f in fractions) or fractions != sorted(set(fractions)):
+        raise ValueError(f"Stage {name!r}: guidance.fractions must be increasing fractions in (0, 1]; "
+                         f"got {tuple(fractions)}.")
+    if not any(e.solution for e in task.examples("train")):
+        raise ValueError(f"Stage {name!r}: guidance needs reference solutions, and no training example of task "
+                         f"{task.name!r} has one (Example.solution).")
 
 
 def check_kl(name: str, scfg) -> None:
@@ -157,6 +255,9 @@ def batch_spec(scfg, rows: int, prompt_len: int, completion: int) -> dict:
 
 def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     check_kl(unit.id, scfg)
+    guided = bool(scfg.get("guidance") and scfg.guidance.enabled)
+    if guided:
+        check_guidance(unit.id, scfg, ctx.task)
     if uses_critic(scfg):
         critic.check(unit.id, scfg.critic)
     model = ctx.model(scfg.get("init") or scfg.model)
@@ -179,13 +280,17 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     estimator = None if uses_critic(scfg) else adv_lib.advantage_estimator(scfg.advantage)
 
     def step(state, i):
+        stats = GuidanceStats(scfg.guidance.fractions) if guided else None
         roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg,
-                                   lambda attempt: ctx.seed(unit, i, f"sample/{attempt}"))
+                                   lambda attempt: ctx.seed(unit, i, f"sample/{attempt}"), stats)
+        # With guidance, a guided row's prompt is prompt + prefix: every score below conditions on it.
         batch, sample_logp = common.place_rollout(ctx, roll)
         # Old logprobs from the trainer's own forward pass, so rho = 1 exactly at the first update.
         old_logp, entropy = score(state.params, batch)
         rewards = shaped_rewards(roll, scfg)
         metrics = common.response_metrics(roll)
+        if stats is not None:
+            metrics.update(stats.metrics())
         metrics["entropy"] = float(losses.masked_mean(entropy, batch["mask"]))
         if reference is not None:
             ref_logp = score_reference(reference, batch)
