@@ -24,9 +24,11 @@ toy tokenizer "char:0123456789+=" reads them: the teacher reads "<context>=<prom
 between a context's fields too (SDPO's "14128=0=14118": the attempt, its verdict, a correct
 peer).
 
-Hard split: `min_carries` > 0 keeps only addition problems with at least that many carries
-(long carry chains, the skill a small model learns last; same length and format as the plain
-task), for train and test alike.
+Hard splits: more `digits` than a model was trained on (the bridge toy's 4-digit SFT student
+scores 0.000 avg@8 and pass@8 on 5 digits), or `min_carries` > 0, which keeps only addition
+problems with at least that many carries (long carry chains; same length and format as the plain
+task), for train and test alike. Carries are not what that student finds hard: it scores 0.50
+greedy at min_carries 0, 2, 3 and 4 alike (measured).
 
 Splits: the test pairs are drawn first (from `seed`), then train pairs from a separate stream
 skipping every test pair in either operand order, so the splits are disjoint by construction, the

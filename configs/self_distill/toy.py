@@ -1,6 +1,7 @@
 """Toy self-distillation with privileged context on CPU: the bridge toy's student after SFT
-(4-digit addition) is the base; it then trains on the hard split, additions whose every column
-carries (`min_carries=4`), by one of:
+(4-digit addition; greedy accuracy 0.502) is the base; it then trains on the hard split,
+5-digit addition, where the base never succeeds (avg@8 and pass@8 both 0.000 on 1000 test
+problems at T = 1, measured), so GRPO gets no reward to learn from; by one of:
 
     python -m launch.train --config=configs/self_distill/toy.py:opsd --workdir=/tmp/sd_opsd
     python -m launch.train --config=configs/self_distill/toy.py:srpo,smoke --workdir=/tmp/sd_smoke
@@ -32,7 +33,7 @@ LOSSES = {"jsd": {}, "sampled": dict(loss="sampled_reverse_kl", advantage_norm="
           "rkl": dict(loss="reverse_kl"), "fkl": dict(loss="forward_kl"), "ce": dict(loss="forward_ce"),
           "topk": dict(loss="reverse_kl", divergence_top_k=4)}
 VARIANTS = ("toy", "smoke", "read_contexts", *METHODS, *TEACHERS, *LOSSES)
-HARD = common.cd(min_carries=4)
+HARD = common.cd(digits=5)  # long carry chains (min_carries=4) were not hard: the base scores 0.50 on them
 
 
 def get_config(arg=None):
@@ -47,7 +48,7 @@ def get_config(arg=None):
     c.task.options.update(HARD)
     c.models.student = base.models.student
     c.stages.student_sft = base.stages.student_sft
-    c.stages.student_sft.task_options.min_carries = 0  # the base learns the plain task
+    c.stages.student_sft.task_options.digits = 4  # the base learns the plain task
     c.stages.student_sft.task_options.context_prompts = 0.5 if "read_contexts" in parts else 0.0
     gen = common.sampling(8, max_new_tokens=8)
     if method == "grpo":
