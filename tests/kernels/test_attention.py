@@ -1,5 +1,5 @@
-"""Attention implementations against the plain-jnp reference: values and gradients (f32,
-rtol 1e-5) on odd shapes, GQA, left padding, fully masked rows and cache-style query slots."""
+"""Attention implementations (chunked, and the XLA path GPUs take) against the plain-jnp
+reference: values and gradients (f32, rtol 1e-5) on odd shapes, GQA, left padding, fully masked rows and cache-style query slots."""
 
 import chex
 import jax
@@ -48,6 +48,23 @@ class ChunkedAttentionTest(chex.TestCase):
         chex.assert_trees_all_close(rows(self.variant(fast)(q, k, v)), rows(ref(q, k, v)), rtol=1e-5, atol=1e-5)
         grads = self.variant(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
         chex.assert_trees_all_close(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_xla_path_gpus_take_equals_reference_in_value_and_gradient(case):
+    """`implementation="xla"` (jax.nn.dot_product_attention; the default on GPU, cuDNN flash
+    there) runs here on CPU through XLA's own lowering against the reference, GQA included."""
+    b, t, s, h, hkv, dh, offset, _, _ = case
+    q, k, v, slots, valid = inputs(b, t, s, h, hkv, dh, offset)
+    seen = jnp.any(api.dense_mask(slots, valid), axis=-1)
+    weights = jax.random.normal(jax.random.key(7), q.shape) * seen[:, :, None, None]
+    ref = lambda q, k, v: reference.attention(q, k, v, api.dense_mask(slots, valid))  # noqa: E731
+    xla = lambda q, k, v: api.attention(q, k, v, slots, valid, implementation="xla")  # noqa: E731
+    rows = lambda x: x * seen[:, :, None, None]  # noqa: E731
+    chex.assert_trees_all_close(rows(jax.jit(xla)(q, k, v)), rows(ref(q, k, v)), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)  # noqa: E731
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss(xla), argnums=(0, 1, 2)))(q, k, v),
+                                jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_with_no_visible_key_are_finite_and_leave_the_others_exact():
