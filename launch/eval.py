@@ -12,6 +12,16 @@ defaults (num_prompts, batch_size, max_new_tokens, n, temperature, top_p, top_k)
 a flag given on the command line wins. Writes results.json, results.md, passk.png and
 samples.jsonl to --outdir. Without a config, sampling defaults follow the papers: n=16,
 T=0.7, top-p 0.8, top-k 20.
+
+Proxy-tuning (Liu et al. 2024, "Tuning Language Models by Proxy"): --proxy_expert and
+--proxy_antiexpert name two model folders ("hf:<folder>" also accepted) sharing the model's
+vocabulary; every decode step then samples from the model's logits plus --proxy_alpha *
+(expert - antiexpert). E.g. a larger base steered by a small RL-trained expert and its
+pre-RL self (configs/self_distill/proxy.py):
+
+    python -m launch.eval --config=configs/self_distill/proxy.py --checkpoint=/tmp/proxy/models/base_sft \
+        --proxy_expert=/tmp/proxy/models/expert_rl --proxy_antiexpert=/tmp/proxy/models/expert_sft \
+        --outdir=/tmp/proxy/eval/proxy
 """
 
 import json
@@ -41,6 +51,9 @@ flags.DEFINE_integer("limit", None, "Evaluate the first N problems (default: con
 flags.DEFINE_integer("batch_size", None, "Prompts per sampler call (default: config.eval or 64).")
 flags.DEFINE_integer("seed", None, "Sampling seed (default: config.seed or 0).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("proxy_expert", None, "Proxy-tuning: the expert model folder (with --proxy_antiexpert).")
+flags.DEFINE_string("proxy_antiexpert", None, "Proxy-tuning: the anti-expert model folder (with --proxy_expert).")
+flags.DEFINE_float("proxy_alpha", 1.0, "Proxy-tuning: logits + alpha * (expert - antiexpert).")
 FLAGS = flags.FLAGS
 
 
@@ -94,6 +107,37 @@ def _task():
     return tasks.get_task(name, **options)
 
 
+def _folder(ref: str) -> str:
+    """A model folder from a flag: a path, or "hf:<path>"."""
+    path = ref[3:] if ref.startswith("hf:") else ref
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{ref} is not a model folder (no config.json).")
+    return path
+
+
+def _proxy(model, tokenizer, dtype):
+    """(expert, antiexpert, alpha) from the proxy flags, or None; both models or neither, each
+    with the model's vocabulary (size, and tokens where the folder has a tokenizer)."""
+    from bridge import models
+
+    named = {"expert": FLAGS.proxy_expert, "antiexpert": FLAGS.proxy_antiexpert}
+    if not any(named.values()):
+        return None
+    if not all(named.values()):
+        raise ValueError("Proxy-tuning needs both --proxy_expert and --proxy_antiexpert.")
+    pair = []
+    for role, ref in named.items():
+        path = _folder(ref)
+        proxy_model = models.load_hf(path, dtype=dtype)
+        if proxy_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--proxy_{role}={ref} has a vocabulary of {proxy_model.config.vocab_size} tokens, the "
+                             f"model {model.config.vocab_size}; proxy-tuning needs one shared vocabulary.")
+        if _has_tokenizer(path):
+            models.check_same_vocabulary(tokenizer, models.load_tokenizer(path), f"proxy {role}")
+        pair.append(proxy_model)
+    return pair[0], pair[1], float(FLAGS.proxy_alpha)
+
+
 def run() -> dict:
     from bridge import models
     from bridge.evaluation import report, runner
@@ -112,6 +156,7 @@ def run() -> dict:
     tokenizer = _tokenizer(model_dir)
     if reference is not None:
         models.check_same_vocabulary(tokenizer, _tokenizer(FLAGS.reference), "reference")
+    proxy = _proxy(model, tokenizer, dtype)
     task = _task()
     seed = FLAGS.seed if FLAGS.seed is not None else int(_from_config("seed", 0))
     results = runner.evaluate(
@@ -129,9 +174,16 @@ def run() -> dict:
         reference_model=reference,
         batch_size=FLAGS.batch_size or _from_config("eval.batch_size", 64),
         progress=FLAGS.progress,
+        proxy=proxy,
     )
+    method = os.path.basename(os.path.normpath(model_dir))
+    if proxy is not None:
+        method += f"+proxy({os.path.basename(os.path.normpath(_folder(FLAGS.proxy_expert)))})"
+        results["proxy"] = {"expert": os.path.abspath(_folder(FLAGS.proxy_expert)),
+                            "antiexpert": os.path.abspath(_folder(FLAGS.proxy_antiexpert)),
+                            "alpha": float(FLAGS.proxy_alpha)}
     results.update(
-        method=FLAGS.method or os.path.basename(os.path.normpath(model_dir)),
+        method=FLAGS.method or method,
         model=os.path.abspath(model_dir),
         reference=os.path.abspath(FLAGS.reference) if FLAGS.reference else None,
     )

@@ -143,12 +143,15 @@ def evaluate(
     mesh=None,
     rules=None,
     progress: bool = True,
+    proxy=None,
 ) -> dict:
     """Samples n completions per problem of `task.examples(split)[:limit]` and scores them.
 
     Returns the results dict described in `bridge.evaluation.report` (metrics, per-completion
     samples). `batch_size` prompts go to one `sampling.generate` call (batch_size * n rows);
     max_new_tokens defaults to task.max_answer_tokens; eos_ids default to the tokenizer's.
+    proxy=(expert, antiexpert, alpha) decodes proxy-tuned (`sampling.generate`); the entropy
+    and the KL to the reference are then still those of `model` along the proxy's samples.
     """
     examples = list(task.examples(split))[:limit]
     if not examples:
@@ -174,6 +177,7 @@ def evaluate(
             seed=seed + start,
             mesh=mesh,
             rules=rules,
+            proxy=proxy,
         )
         _, entropy = completion_scores(model, out)
         kl = completion_kl(model, reference_model, out, temperature) if reference_model is not None else None
