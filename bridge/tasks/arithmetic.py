@@ -30,6 +30,14 @@ problems with at least that many carries (long carry chains; same length and for
 task), for train and test alike. Carries are not what that student finds hard: it scores 0.50
 greedy at min_carries 0, 2, 3 and 4 alike (measured).
 
+Reading contexts (`context_prompts` > 0, `bridge.tasks.base.with_context_prompts`): that
+fraction of train prompts carry a context; with `context_digits`, half of those are instead
+`context_digits`-digit problems whose context holds the whole answer (their pairs avoid the test
+pairs and the first `num_train` train pairs of the `context_digits` task of the same seed and
+`num_test`), so an SFT base learns to
+copy an answer from a context at the hard split's length without learning to solve it;
+`plain_last` train examples at the end stay plain (an SFT stopping rule's held-out check).
+
 Splits: the test pairs are drawn first (from `seed`), then train pairs from a separate stream
 skipping every test pair in either operand order, so the splits are disjoint by construction, the
 test set does not depend on `num_train`, and train sets of one seed are prefixes of each other
@@ -208,6 +216,8 @@ def arithmetic_task(
     chat: bool = False,
     min_carries: int = 0,
     context_prompts: float = 0.0,
+    context_digits: int = 0,
+    plain_last: int = 0,
 ) -> Task:
     """The "arithmetic" task (see the module docstring for formats and split construction)."""
     if op not in OPS:
@@ -232,4 +242,10 @@ def arithmetic_task(
         context_style="text" if chat else "symbolic",
         context_separator="=",
     )
-    return with_context_prompts(task, context_prompts, seed) if context_prompts else task
+    if not context_prompts:
+        return task
+    answers = None
+    if context_digits:  # the same seed and test count: its train pairs avoid that task's test pairs,
+        # and its first num_train (an RL stage's prompts at that length) are not shown
+        answers = arithmetic_task(context_digits, op, scratchpad, 2 * num_train, num_test, seed, chat)
+    return with_context_prompts(task, context_prompts, seed, answer_task=answers, plain_last=plain_last)

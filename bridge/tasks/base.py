@@ -115,6 +115,8 @@ class Task:
     reward_fn: (completion_text, example) -> RewardResult.
     chat: render prompts with the tokenizer's chat template (chat models) instead of raw text.
     system_prompt: prepended as a system message in chat mode (None: no system message).
+    enable_thinking: passed to the chat template (Qwen3 hybrid models: thinking on or off);
+      None leaves the template's default.
     max_answer_tokens: a hint for max_new_tokens when sampling this task.
     stop_strings: text at which a completion ends for scoring (besides the eos token).
     step_checker: (completion_text, example) -> StepCheck, for step-aligned critiques; None
@@ -129,6 +131,7 @@ class Task:
     reward_fn: RewardFn
     chat: bool = False
     system_prompt: str | None = None
+    enable_thinking: bool | None = None
     max_answer_tokens: int = 512
     stop_strings: tuple[str, ...] = ()
     step_checker: StepChecker | None = None
@@ -162,8 +165,9 @@ class Task:
     def prompt_ids(self, example: Example, tokenizer) -> list[int]:
         """Prompt token ids: chat template (with generation prompt) if `chat`, else raw text."""
         if self.chat:
+            extra = {} if self.enable_thinking is None else {"enable_thinking": bool(self.enable_thinking)}
             ids = tokenizer.apply_chat_template(
-                self.messages(example), add_generation_prompt=True, tokenize=True
+                self.messages(example), add_generation_prompt=True, tokenize=True, **extra
             )
             if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # transformers>=5 BatchEncoding
                 ids = ids["input_ids"]
@@ -268,24 +272,37 @@ class Task:
         return dataclasses.replace(example, prompt=messages)
 
 
-def with_context_prompts(task: Task, fraction: float, seed: int = 0) -> Task:
+def with_context_prompts(task: Task, fraction: float, seed: int = 0, *, answer_task: Task | None = None,
+                         plain_last: int = 0) -> Task:
     """`task` whose train prompts carry, with probability `fraction` each, a privileged context
     of a mode drawn uniformly from those the task supplies, about a synthetic failed attempt
     (the solution with one digit changed; for "sdpo" a correct peer half of the time), so a
     small model trained on it (SFT on the solutions) learns to read contexts as a pretrained
-    model does before self-distillation. Test prompts stay plain."""
+    model does before self-distillation. Test prompts stay plain.
+
+    answer_task: half of the context prompts are instead one of `answer_task`'s last train
+      examples (as many as `task` has; e.g. longer problems than `task`'s) with a context that
+      holds its whole solution ("opsd", or "sdpo" with a correct peer), so the model learns to
+      read an answer from a context at that task's lengths without being taught to solve its
+      problems (every other context's target needs the skill).
+    plain_last: the last this-many train examples stay plain (an SFT stopping rule's held-out
+      check, `check_prompts`, then measures the plain skill)."""
     modes = [m for m in CONTEXT_MODES if m != "critique" or task.step_checker is not None]
 
     def load_split(split: str) -> list[Example]:
         examples = list(task.load_split(split))
         if split != "train":
             return examples
+        answers = list(answer_task.examples("train"))[-len(examples):] if answer_task is not None else []
         rng = np.random.default_rng([seed, 3])
         out = []
-        for e in examples:
+        for i, e in enumerate(examples):
             digits = [k for k, ch in enumerate(e.solution or "") if ch.isdigit()]
-            if rng.random() >= fraction or not digits:
+            if rng.random() >= fraction or not digits or i >= len(examples) - plain_last:
                 out.append(e)
+                continue
+            if answers and rng.random() < 0.5:
+                out.append(_answer_in_context(answer_task, answers[i], rng))
                 continue
             k = digits[rng.integers(len(digits))]
             text = e.solution[:k] + str((int(e.solution[k]) + rng.integers(1, 10)) % 10) + e.solution[k + 1:]
@@ -294,6 +311,17 @@ def with_context_prompts(task: Task, fraction: float, seed: int = 0) -> Task:
         return out
 
     return dataclasses.replace(task, load_split=load_split, _cache={})
+
+
+def _answer_in_context(task: Task, e: Example, rng: np.random.Generator) -> Example:
+    """`e` with a context holding its whole solution: "opsd", or "sdpo" about a failed attempt
+    (one digit changed) with the solution as the correct peer."""
+    if rng.random() < 0.5:
+        return task.teacher_example(e, task.privileged_context(e, "opsd"))
+    digits = [k for k, ch in enumerate(e.solution) if ch.isdigit()]
+    k = digits[rng.integers(len(digits))]
+    text = e.solution[:k] + str((int(e.solution[k]) + rng.integers(1, 10)) % 10) + e.solution[k + 1:]
+    return task.teacher_example(e, task.privileged_context(e, "sdpo", Attempt(text, task.reward(text, e), e.solution)))
 
 
 def hindsight_hint(attempt: str, solution: str) -> str:

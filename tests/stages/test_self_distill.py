@@ -2,13 +2,10 @@
 unpadded sequences, each loss against the objectives library, SRPO routing and weights on
 hand batches, the missing-context stop, 1 vs 8 devices, learning runs and a SIGKILL resume."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import chex
 import jax
@@ -22,9 +19,9 @@ from bridge.stages import common as stage_common, self_distill
 from bridge.tasks.base import Example, MissingContextError, RewardResult, Task
 from configs import common
 from configs.self_distill import toy
+from launch_helpers import REPO, stable_records, train_cmd
 from stage_helpers import hand_batch, tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
 VOCAB = 23
 
 
@@ -280,17 +277,6 @@ def get_config(arg=None):
         c.metrics.plots = False
     return c
 '''
-VOLATILE_SUFFIXES = ("_s", "_per_s", "_gib")
-
-
-def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-def _train(config, workdir, **kw):
-    return subprocess.Popen([sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}"],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _finish(proc, timeout=900):
@@ -298,9 +284,9 @@ def _finish(proc, timeout=900):
     assert proc.returncode == 0, err[-3000:]
 
 
-def _records(workdir):
-    records = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith(VOLATILE_SUFFIXES)} for r in records]
+def _train(config, workdir, **kw):
+    return subprocess.Popen(train_cmd(config, workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
 
 
 @pytest.mark.slow
@@ -326,5 +312,5 @@ def test_ema_teacher_resumes_after_sigkill_exactly(tmp_path):
     _finish(_train(config, killed))
     a, b = (load_file(str(run / "models" / "self_distill" / "model.safetensors")) for run in (straight, killed))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert _records(straight) == _records(killed)
-    assert len([r for r in _records(straight) if r["stage"] == "self_distill" and "loss" in r]) == 4
+    assert stable_records(straight) == stable_records(killed)
+    assert len([r for r in stable_records(straight) if r["stage"] == "self_distill" and "loss" in r]) == 4

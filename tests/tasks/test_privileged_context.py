@@ -141,3 +141,23 @@ def test_context_prompts_teach_reading_contexts_on_train_prompts_only():
             assert m.prompt.endswith("=" + p.prompt) and context and set(context) <= set("0123456789+=")
             with_context += 1
     assert 0.4 < with_context / 400 < 0.6
+
+
+def test_context_prompts_at_another_length_hold_the_answer_and_avoid_its_test_and_rl_prompts():
+    """With context_digits=5, about half of the context prompts are 5-digit problems whose
+    context holds the whole answer (opsd "answer", or sdpo "attempt=0=answer"); their pairs are
+    neither 5-digit test pairs nor the first num_train 5-digit train pairs; the last plain_last
+    stay plain."""
+    mixed = get_task("arithmetic", digits=4, num_train=400, num_test=20, context_prompts=0.5, context_digits=5,
+                     plain_last=50)
+    hard = get_task("arithmetic", digits=5, num_train=400, num_test=20)
+    key = lambda e: (min(e.meta["a"], e.meta["b"]), max(e.meta["a"], e.meta["b"]))  # noqa: E731
+    avoid = {key(e) for e in hard.examples("test")} | {key(e) for e in hard.examples("train")}
+    train = mixed.examples("train")
+    long = [e for e in train if len(e.answer) == 6]
+    assert 0.15 < len(long) / 400 < 0.35
+    for e in long:
+        context = e.prompt[:-len(f"={e.meta['a']:05d}+{e.meta['b']:05d}=")]
+        assert context == e.solution or (context.endswith("=0=" + e.solution) and context != e.solution)
+        assert key(e) not in avoid
+    assert all(e.prompt == f"{e.meta['a']:04d}+{e.meta['b']:04d}=" for e in train[-50:])
