@@ -53,14 +53,14 @@ def _forward(model, tokens):
     return model(tokens)
 
 
-def _hand_greedy(base, expert, antiexpert, alpha, prompt, eos):
+def _hand_greedy(base, expert, antiexpert, alpha, prompt, eos, max_new=MAX_NEW):
     """Greedy tokens of argmax(l_base + alpha * (l_expert - l_antiexpert)), each step from the
     full sequence so far (float64 combination; the lowest index wins a tie)."""
     seq, out = list(prompt), []
-    for _ in range(MAX_NEW):
+    for _ in range(max_new):
         # Right padding to one width (one compilation per model): causal attention keeps the
         # logits at the last real position those of the sequence alone.
-        padded = np.array([seq + [0] * (WIDTH - len(seq))], np.int32)
+        padded = np.array([seq + [0] * (max(WIDTH, len(prompt) + max_new) - len(seq))], np.int32)
         last = [np.asarray(_forward(m, padded), np.float64)[0, len(seq) - 1] for m in (base, expert, antiexpert)]
         z = last[0] + alpha * (last[1] - last[2])
         top = np.sort(z)[-2:]
@@ -155,3 +155,32 @@ def test_launch_eval_with_proxy_flags_equals_a_hand_loop(trio, tmp_path):
     proc = _eval(f"--hf_dir={paths['base']}", "--task=arithmetic", f"--task_options={json.dumps(TASK)}",
                  f"--proxy_expert={paths['expert']}", f"--outdir={outdir}2")
     assert proc.returncode == 2 and "needs both --proxy_expert and --proxy_antiexpert" in proc.stderr
+
+
+@pytest.mark.slow
+def test_proxy_config_runs_end_to_end_and_its_pool_is_proxy_tuned(tmp_path):
+    """configs/self_distill/proxy.py:smoke,distill through launch.train: the expert's SFT and
+    RL, the base's SFT, and base_distill, whose teacher pool is greedy proxy-tuned sampling of
+    the base (stage:* references). Smoke RL leaves the expert equal to its SFT self (no correct
+    rollout, zero advantages), so the test names base_sft as the anti-expert: the pool must be
+    argmax((1 - alpha) base + alpha expert_rl) by the hand loop over the exported models."""
+    from launch_helpers import run_train
+
+    proc = run_train("configs/self_distill/proxy.py:smoke,distill", tmp_path,
+                     "--config.stages.base_distill.sampling.proxy.antiexpert=stage:base_sft",
+                     "--config.stages.base_distill.sampling.proxy.alpha=0.7", "--config.metrics.plots=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("expert_sft", "expert_rl", "base_sft", "base_distill"):
+        assert (tmp_path / "models" / stage / runtime.DONE).exists(), stage
+    load = lambda stage: models.load_hf(str(tmp_path / "models" / stage))  # noqa: E731
+    base, expert, anti = load("base_sft"), load("expert_rl"), load("base_sft")
+    tokenizer = models.load_tokenizer(str(tmp_path / "models" / "base_sft"))
+    pool = dict(np.load(tmp_path / "stages" / "base_distill" / "pool.npz"))
+    eos = {tokenizer.eos_token_id}
+    changed = 0
+    for r in range(4):
+        prompt = [int(t) for t in pool["prompt_tokens"][r][pool["prompt_mask"][r]]]
+        want = _hand_greedy(base, expert, anti, 0.7, prompt, eos, max_new=8)
+        assert [int(t) for t in pool["tokens"][r][pool["mask"][r]]] == want, r
+        changed += want != _hand_greedy(base, expert, anti, 0.0, prompt, eos, max_new=8)
+    assert changed, "the proxy changed no decode; the test would not see it missing"
