@@ -239,7 +239,8 @@ def proxy_models(ctx: runtime.Context, sc, model):
     sub-config's `proxy` (model references, `ctx.model`), or None when it names no expert.
     Proxy-tuning (Liu et al. 2024): the sampled model's logits plus alpha * (expert -
     antiexpert) at every step. References other than slots are loaded once per context (a
-    slot is the live model of that name); every vocabulary must equal the sampled model's."""
+    slot is read each call: its model as of the last finished stage); every vocabulary must
+    equal the sampled model's."""
     proxy = sc.get("proxy")
     if proxy is None or not (proxy.get("expert") or proxy.get("antiexpert")):
         return None
