@@ -37,7 +37,7 @@ def abstract_model(c, slot: str, **override) -> Decoder:
     if "vocab_size" not in arch:
         from bridge import runtime
 
-        arch["vocab_size"] = len(runtime.tokenizer_from_spec(c.tokenizer))
+        arch["vocab_size"] = len(runtime.tokenizer_from_spec(runtime.tokenizer_spec(c)))
     cfg = ModelConfig(**arch, dtype=dtype_from_name(c.dtype), param_dtype=dtype_from_name(c.param_dtype),
                       remat=bool(c.get("remat", False)), scan_layers=bool(c.get("scan_layers", False)))
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -192,9 +193,12 @@ class Context:
     results: dict = dataclasses.field(default_factory=dict)
     current: Unit | None = None  # the unit being built or run
 
-    @property
+    @functools.cached_property
     def eos_ids(self) -> tuple[int, ...]:
-        return models.eos_ids(self.tokenizer)
+        """The tokenizer's eos plus generation_config.json's eos ids of its folder (chat models
+        end a turn with a token other than the tokenizer's eos, e.g. Qwen3's <|im_end|>)."""
+        spec = tokenizer_spec(self.cfg)
+        return models.eos_ids(self.tokenizer, None if spec.startswith("char:") else spec)
 
     @property
     def pad_id(self) -> int:
@@ -331,7 +335,7 @@ def make_context(cfg, workdir: str) -> Context:
 
     ctx = Context(cfg=cfg, workdir=workdir, mesh=make_mesh(tuple(cfg.mesh.shape)),
                   rules=sharding.as_rules(cfg.mesh.rules) or sharding.DEFAULT_RULES,
-                  tokenizer=tokenizer_from_spec(cfg.tokenizer),
+                  tokenizer=tokenizer_from_spec(tokenizer_spec(cfg)),
                   task=tasks.get_task(cfg.task.name, **cfg.task.options.to_dict()), writer=None)
     _check_inputs(ctx)
     os.makedirs(workdir, exist_ok=True)
@@ -424,6 +428,18 @@ def _check_kl_reference(ctx: Context, units) -> list[str]:
     finally:
         ctx.current = None
     return []
+
+
+def tokenizer_spec(cfg) -> str:
+    """The run's tokenizer: `config.tokenizer` when set, else the folder of the first model
+    slot with an `hf_dir` (so overriding a model's hf_dir moves the tokenizer with it)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    folders = [m.hf_dir for m in cfg.models.values() if m.get("hf_dir")]
+    if not folders:
+        raise ValueError("config.tokenizer is empty and no model has an hf_dir to take it from; set "
+                         "--config.tokenizer to a tokenizer folder or 'char:<alphabet>'.")
+    return folders[0]
 
 
 def tokenizer_from_spec(spec: str):

@@ -58,8 +58,9 @@ def llama3(**kw) -> dict:
                 rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False, **kw)
 
 
-def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
-    """The bridge experiment for one teacher/student pair (`model` slots); the locked config."""
+def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict, enable_thinking=None):
+    """The bridge experiment for one teacher/student pair (`model` slots); the locked config.
+    enable_thinking: the chat template's thinking switch (Qwen3 hybrid models), None: absent."""
     lr, max_new_tokens = 1e-6, 8192
     parts = common.parse_arg(arg, VARIANTS)
     row = next((p for p in parts if p in ROWS), "bridge")
@@ -67,9 +68,13 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict):
     c.dtype, c.param_dtype = "bfloat16", "float32"
     c.remat, c.scan_layers = True, True  # 8k-token rollouts; one compiled block for 28-80 layers
     c.mesh.shape = mesh_shape
-    c.tokenizer = student.hf_dir
+    c.tokenizer = ""  # the student's hf_dir (runtime.tokenizer_spec): it follows an override of the folder
+    # system_prompt and enable_thinking are fields, so a run sets them from the command line.
     c.task = common.cd(name="math", options=common.cd(train_path=f"{DATA_DIR}/train.jsonl",
-                                                      test_path=f"{DATA_DIR}/math500.jsonl", chat=True))
+                                                      test_path=f"{DATA_DIR}/math500.jsonl", chat=True,
+                                                      system_prompt=""))
+    if enable_thinking is not None:
+        c.task.options.enable_thinking = enable_thinking
     c.models.teacher, c.models.student = copy.deepcopy(teacher), copy.deepcopy(student)
     opt = lambda lr: common.optimizer(lr, b2=0.999, weight_decay=0.01)  # noqa: E731  (one per stage)
     # 128 rows per optimizer update (RL), 64 (OPD, warmup): micro-batches of 8 rows, one

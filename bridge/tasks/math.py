@@ -273,6 +273,7 @@ def _math_family_task(
     tfds_data_dir: str | None = None,
     chat: bool = True,
     system_prompt: str | None = None,
+    enable_thinking: bool | None = None,
     instruction: str = INSTRUCTION,
     limit: int | None = None,
     timeout_s: float = 5.0,
@@ -302,14 +303,16 @@ def _math_family_task(
         load_split=load,
         reward_fn=make_math_reward(timeout_s=timeout_s, require_boxed=require_boxed),
         chat=chat,
-        system_prompt=system_prompt,
+        system_prompt=system_prompt or None,  # "" (a config's unset field): no system message
+        enable_thinking=enable_thinking,
         max_answer_tokens=max_answer_tokens_override or max_answer_tokens,
     )
 
 
 def gsm8k_task(**options) -> Task:
     """GSM8K (Cobbe et al. 2021). Options: train_path/test_path or tfds_name(+tfds_data_dir), chat
-    (default True), system_prompt, instruction, limit, timeout_s, require_boxed."""
+    (default True), system_prompt ("" or None: none), enable_thinking (None: the chat template's
+    default), instruction, limit, timeout_s, require_boxed."""
     return _math_family_task("gsm8k", gsm8k_example, 1024, **options)
 
 

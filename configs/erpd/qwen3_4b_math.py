@@ -27,9 +27,10 @@ def get_config(arg=None):
         c.dtype, c.param_dtype = "bfloat16", "float32"
         c.remat, c.scan_layers = True, True
         c.mesh.shape = (1, -1, 1)
-        c.tokenizer = BASE.hf_dir
+        c.tokenizer = ""  # the base's hf_dir (runtime.tokenizer_spec)
         c.task = common.cd(name="math", options=common.cd(train_path=f"{paper.DATA_DIR}/train.jsonl",
-                                                          test_path=f"{paper.DATA_DIR}/math500.jsonl", chat=True))
+                                                          test_path=f"{paper.DATA_DIR}/math500.jsonl", chat=True,
+                                                          system_prompt=""))
         c.models = common.cd(student=BASE, erpd_teacher=BASE)
         c.pipeline.stages = tuple(s for s in c.pipeline.stages if s != "student_sft")  # the base is trained
         gen = common.sampling(16, temperature=0.6, max_new_tokens=MAX_NEW_TOKENS)

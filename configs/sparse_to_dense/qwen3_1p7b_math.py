@@ -6,7 +6,8 @@
 
 arg: comma-separated variants; rows and scales as in `configs/sparse_to_dense_paper.py` (bridge | direct_grpo |
 raw_teacher | no_warmup | no_opd; toy | smoke). GRPO lr 1e-6, group 8, token-mean; eval 16
-samples per problem at T=0.7, top-p 0.8, top-k 20 (Qwen3's non-thinking sampling). One 8-GPU
+samples per problem at T=0.7, top-p 0.8, top-k 20 (Qwen3's non-thinking sampling, and the chat
+template's thinking off: --config.task.options.enable_thinking=True turns it on). One 8-GPU
 host or a TPU slice, pure FSDP.
 """
 
@@ -22,4 +23,4 @@ STUDENT = paper.model("Qwen3-1.7B", **paper.qwen3(hidden_size=2048, intermediate
 
 def get_config(arg=None):
     return paper.bridge_config(arg, teacher=TEACHER, student=STUDENT, mesh_shape=(1, -1, 1),
-                            eval_sampling=dict(n=16, temperature=0.7, top_p=0.8, top_k=20))
+                            eval_sampling=dict(n=16, temperature=0.7, top_p=0.8, top_k=20), enable_thinking=False)

@@ -82,3 +82,27 @@ def test_soft_overlong_penalty_piecewise():
     assert soft_overlong_penalty(90, 100, 20) == pytest.approx(-0.5)
     assert soft_overlong_penalty(100, 100, 20) == pytest.approx(-1.0)
     assert soft_overlong_penalty(101, 100, 20) == -1.0
+
+
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<assistant>{% endif %}",
+    "<assistant>{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}")
+
+
+@pytest.mark.parametrize("enable_thinking,suffix", [(None, ""), (True, ""), (False, "<think></think>")])
+def test_enable_thinking_reaches_the_chat_template(enable_thinking, suffix):
+    """As Qwen3's template does: thinking off renders an empty think block after the turn."""
+    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz<>/\n0123456789+=")
+    tokenizer.chat_template = THINKING_TEMPLATE
+    task = _echo_task(chat=True, enable_thinking=enable_thinking)
+    ids = task.prompt_ids(task.examples("train")[0], tokenizer)
+    assert tokenizer.decode(ids) == "<user>12+3=\n<assistant>" + suffix
+
+
+def test_math_task_options_from_a_config_set_the_system_prompt_and_thinking(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"problem": "1+1?", "answer": "2", "solution": "2"}\n')
+    task = get_task("math", train_path=str(path), test_path=str(path), system_prompt="", enable_thinking=False)
+    assert task.system_prompt is None and task.enable_thinking is False  # "" (an unset field): none
+    assert get_task("math", train_path=str(path), test_path=str(path), system_prompt="Be brief.").system_prompt \
+        == "Be brief."
