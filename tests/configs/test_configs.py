@@ -24,7 +24,7 @@ from flax import nnx
 
 from bridge import abstract, advantages, losses, runtime, sharding, stages, tasks, train_state
 from bridge.mesh import make_mesh
-from bridge.stages import erpd, opd, sft
+from bridge.stages import erpd, opd, self_distill, sft
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_MODULES = sorted(
@@ -71,6 +71,9 @@ def check_stage(c, name: str, s) -> None:
         assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
     elif s.kind == "erpd_distill":
         erpd.check_distill(name, s)
+        assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
+    elif s.kind == "self_distill":
+        self_distill.check(name, s)
         assert (s.prompts_per_step * s.sampling.n) % s.minibatches == 0
     elif s.kind == "sft":
         assert s.loss in sft.SFT_LOSSES and s.source in ("gold", "teacher")
