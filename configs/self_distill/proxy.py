@@ -54,7 +54,7 @@ def get_config(arg=None):
         greedy = common.sampling(1, temperature=0.0, max_new_tokens=8, proxy=common.cd(
             expert="stage:expert_rl", antiexpert="stage:expert_sft", alpha=1.0))
         c.stages.base_distill = common.sft_stage("base", 1e-4, 3 if smoke else 200, source="teacher",
-                                                 teacher="stage:base_sft", loss="cross_entropy",
+                                                 teacher="base", loss="cross_entropy",
                                                  batch_size=8 if smoke else 128, sampling=greedy,
                                                  pool_prompts=16 if smoke else 512)
         stages.append("base_distill")
