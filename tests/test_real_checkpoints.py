@@ -43,3 +43,26 @@ def test_no_tokenizer_and_no_model_folder_is_named():
         cfg.tokenizer = ""
     with pytest.raises(ValueError, match="config.tokenizer is empty"):
         runtime.tokenizer_spec(cfg)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_a_pipeline_computes_in_bfloat16_end_to_end_and_exports_its_parameter_dtype(tmp_path, param_dtype):
+    """SFT, OPD with a teacher and GRPO, computing in bfloat16 (float32 master weights, or
+    bfloat16 weights as a real checkpoint loads): finite losses, and the exported folder keeps
+    the parameter dtype (config.json's torch_dtype and the safetensors)."""
+    from safetensors.numpy import load_file
+
+    from bridge import pipelines
+    from launch_helpers import stable_records
+
+    cfg = smoke_config(["teacher_sft", "student_sft", "opd", "student_rl"])
+    with cfg.unlocked():
+        cfg.dtype, cfg.param_dtype = "bfloat16", param_dtype
+    pipelines.run(cfg, str(tmp_path))
+    losses = [r["loss"] for r in stable_records(tmp_path) if "loss" in r]
+    assert len(losses) == 12 and all(abs(x) < 1e6 for x in losses), losses
+    folder = tmp_path / "models" / "student_rl"
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == param_dtype
+    dtypes = {str(v.dtype) for v in load_file(str(folder / "model.safetensors")).values()}
+    assert dtypes == {param_dtype}
+    assert models.load_hf(str(folder)).config.vocab_size == len(runtime.tokenizer_from_spec(cfg.tokenizer))
