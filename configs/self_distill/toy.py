@@ -18,7 +18,8 @@ arg: comma-separated variants.
             the student's answer and a correct answer of its group) | hint (the answer up to the
             first wrong digit) | critique (the first failing column, "a+b+carry=total") | srpo
             (correct samples to GRPO, failed ones to SDPO-context self-distillation) | grpo (the
-            baseline: the rl stage alone)
+            baseline: the rl stage alone) | ghpo (GRPO plus GHPO's adaptive guidance: a group with
+            no correct sample is sampled again after the first 25%, 50%, 75% of its answer)
   teacher:  frozen (default) | live | ema
   loss:     jsd (default, beta 0.5) | sampled (sampled-token reverse KL as a dense advantage) |
             rkl | fkl | ce (DistIL forward cross-entropy) | topk (reverse KL over the teacher's
@@ -38,7 +39,7 @@ tokenizer, and with it the base, is the bridge toy's.
 from configs import common
 from configs.sparse_to_dense import toy
 
-METHODS = ("opsd", "sdpo", "hint", "critique", "srpo", "grpo")
+METHODS = ("opsd", "sdpo", "hint", "critique", "srpo", "grpo", "ghpo")
 TEACHERS = ("frozen", "live", "ema")
 LOSSES = {"jsd": {}, "sampled": dict(loss="sampled_reverse_kl", advantage_norm="whiten"),
           "rkl": dict(loss="reverse_kl"), "fkl": dict(loss="forward_kl"), "ce": dict(loss="forward_ce"),
@@ -70,8 +71,9 @@ def get_config(arg=None):
             c.stages.student_sft.update(steps=1200)
             c.stages.student_sft.task_options.num_train = 1200 * 128 + 256
     gen = common.sampling(8, max_new_tokens=8)
-    if method == "grpo":
+    if method in ("grpo", "ghpo"):
         c.stages.student_rl = common.rl_stage("student", 3e-4, STEPS, sampling=gen)
+        c.stages.student_rl.guidance.enabled = method == "ghpo"
         train = c.stages.student_rl
     else:
         c.stages.self_distill = common.self_distill_stage(
@@ -81,7 +83,7 @@ def get_config(arg=None):
         for variant in (p for p in parts if p in LOSSES):
             c.stages.self_distill.update(LOSSES[variant])
         train = c.stages.self_distill
-    c.pipeline.stages = ("student_sft", "student_rl" if method == "grpo" else "self_distill")
+    c.pipeline.stages = ("student_sft", "student_rl" if method in ("grpo", "ghpo") else "self_distill")
     if smoke:
         train.update(steps=3, prompts_per_step=4)
         train.sampling.n = 4
