@@ -49,6 +49,9 @@ def get_config(arg=None):
     c.stages.base_sft.model = "base"
     if not smoke:
         c.stages.base_sft.until_accuracy = 0.6
+    for stage in c.stages.values():
+        if "eval_kl_reference" in stage:  # the KL to each model's own SFT stage, renamed here
+            stage.eval_kl_reference = f"stage:{stage.model}_sft"
     stages = ["expert_sft", "expert_rl", "base_sft"]
     if "distill" in parts:
         greedy = common.sampling(1, temperature=0.0, max_new_tokens=8, proxy=common.cd(
