@@ -64,3 +64,35 @@ def smoke_config(stages, **stage_overrides):
                 node = node[key]
             node[last] = value
     return c
+
+
+def one_update(kind, scfg, module, batch, keys, devices):
+    """One update step of `kind` on `module` with the `keys` of `batch` placed on a (1, -1, 1)
+    mesh of `devices`: (new params, metrics) on the host, for 1-vs-8-device comparisons."""
+    import jax
+    import jax.numpy as jnp
+
+    from bridge import mesh as mesh_lib, sharding, train_state
+    from bridge.stages import common
+
+    mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
+    graphdef, params = nnx.split(module)
+    tx = common.optimizer(scfg, 1)
+    state = train_state.init_state(params, tx)
+    shardings = train_state.state_shardings(state, mesh, None)
+    state = jax.device_put(state, shardings)
+    step = common.make_update(kind, scfg, graphdef, (), tx, shardings)
+    with jax.set_mesh(mesh):
+        placed = {k: jax.device_put(jnp.asarray(batch[k]), sharding.batch_sharding(mesh, np.ndim(batch[k]),
+                                                                                  shape=np.shape(batch[k])))
+                  for k in keys}
+        new, metrics = step(state, placed, None)
+    return jax.device_get(new.params), jax.device_get(metrics)
+
+
+def stage_records(workdir, stage):
+    """The update records (those with a loss) of one unit, from metrics.jsonl."""
+    import json
+
+    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+            if r["stage"] == stage and "loss" in r]

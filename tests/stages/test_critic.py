@@ -2,7 +2,6 @@
 separate trunks), learning a constant reward, one update on 1 vs 8 devices, and PPO runs of
 the rl and erpd_teacher stages through the pipeline."""
 
-import json
 
 import chex
 import jax
@@ -11,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, mesh as mesh_lib, models, pipelines, runtime, train_state
+from bridge import advantages as adv_lib, losses, models, pipelines, train_state
 from bridge.models import value
 from bridge.tasks import base as tasks_base
 from bridge.stages import common as stage_common, critic, erpd, rl
 from configs import common
 from configs.erpd import toy as erpd_toy
-from stage_helpers import hand_batch, smoke_config, tiny_model
+from stage_helpers import hand_batch, one_update, smoke_config, stage_records, tiny_model
 
 
 def _gae_numpy(rewards, values, mask, gamma, lam):
@@ -148,45 +147,26 @@ def test_the_value_loss_reaches_the_policy_only_through_a_shared_trunk(trunk):
     assert moved == (trunk == "shared")
 
 
-def _one_ppo_update(devices):
-    mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
+def test_ppo_update_on_8_devices_equals_1_device():
     scfg = _ppo_scfg(value_clip=0.2)
-    graphdef, params = nnx.split(value.ActorCritic(tiny_model()))
-    tx = stage_common.optimizer(scfg, 1)
-    state = train_state.init_state(params, tx)
-    sh = train_state.state_shardings(state, mesh, None)
-    state = jax.device_put(state, sh)
-    step = stage_common.make_update(rl.KIND, scfg, graphdef, (), tx, sh)
     batch = hand_batch()
     rng = np.random.default_rng(3)
     for key in ("advantages", "old_values", "returns"):
         batch[key] = rng.normal(size=batch["mask"].shape).astype(np.float32)
-    spec = rl.batch_spec(scfg, 8, 5, 7)
-    with jax.set_mesh(mesh):
-        placed = {k: jax.device_put(jnp.asarray(batch[k]), runtime.sharding.batch_sharding(mesh, batch[k].ndim,
-                                                                                           shape=batch[k].shape))
-                  for k in spec}
-        new, metrics = step(state, placed, None)
-    return jax.device_get(new.params), jax.device_get(metrics)
-
-
-def test_ppo_update_on_8_devices_equals_1_device():
-    one_params, one_metrics = _one_ppo_update(jax.devices()[:1])
-    eight_params, eight_metrics = _one_ppo_update(jax.devices())
+    keys = rl.batch_spec(scfg, 8, 5, 7)
+    one_params, one_metrics = one_update(rl.KIND, scfg, value.ActorCritic(tiny_model()), batch, keys,
+                                         jax.devices()[:1])
+    eight_params, eight_metrics = one_update(rl.KIND, scfg, value.ActorCritic(tiny_model()), batch, keys,
+                                             jax.devices())
     chex.assert_trees_all_close(one_params, eight_params, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(one_metrics["value_loss"], eight_metrics["value_loss"], rtol=1e-5)
-
-
-def _records(workdir, stage):
-    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-            if r["stage"] == stage and "loss" in r]
 
 
 def test_rl_stage_with_gae_trains_a_critic_and_exports_the_policy(tmp_path):
     cfg = smoke_config(["student_sft", "student_rl"], student_rl__advantage="gae", student_rl__loss="ppo",
                        student_rl__steps=3)
     pipelines.run(cfg, str(tmp_path))
-    records = _records(tmp_path, "student_rl")
+    records = stage_records(tmp_path, "student_rl")
     assert len(records) == 3 and all(np.isfinite(r["value_loss"]) for r in records)
     assert all("value_explained_variance" in r and "gae_lambda" in r for r in records)
     exported = models.load_hf(str(tmp_path / "models" / "student_rl"))  # the policy alone, a plain decoder
@@ -207,7 +187,7 @@ def test_erpd_teacher_with_ppo_runs_and_its_critic_fits_the_batch(tmp_path, monk
         cfg.stages.erpd_teacher.update(steps=8, track_every=4)
         cfg.stages.erpd_teacher.critic.lam_end = 1.0  # the lambda schedule: 0.95 -> 1.0
     pipelines.run(cfg, str(tmp_path))
-    records = _records(tmp_path, "erpd_teacher@1")
+    records = stage_records(tmp_path, "erpd_teacher@1")
     np.testing.assert_allclose([records[0]["gae_lambda"], records[-1]["gae_lambda"]], [0.95, 1.0], atol=1e-6)
     losses_ = [r["value_loss"] for r in records]
     assert losses_[-1] < losses_[0], losses_

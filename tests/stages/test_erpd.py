@@ -12,15 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from bridge import mesh as mesh_lib, models, pipelines, runtime, scoring, train_state
+from bridge import models, pipelines, runtime, scoring
 from bridge.pipelines import erpd as erpd_report
 from bridge.stages import common as stage_common, erpd
 from configs import common
 from configs.erpd import toy
 from safetensors.numpy import load_file
-from stage_helpers import hand_batch, reference_logp, tiny_model
+from stage_helpers import hand_batch, one_update, reference_logp, stage_records, tiny_model
 from launch_helpers import REPO, run_train, stable_records, train_cmd
 
 
@@ -108,36 +107,15 @@ def test_distill_models_and_checks_name_what_is_missing():
     assert erpd.distill_models(scfg) == {"policy": "student", "teacher": "erpd_teacher", "unlearned": "artifact:t/step2"}
 
 
-def _one_distill_update(devices):
-    mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
+def test_distill_update_on_8_devices_equals_1_device():
     scfg = common.erpd_distill_stage("student", 1e-2, 1, kl_coef=0.05, entropy_coef=0.01)
-    graphdef, params = nnx.split(tiny_model())
-    tx = stage_common.optimizer(scfg, 1)
-    state = train_state.init_state(params, tx)
-    sh = train_state.state_shardings(state, mesh, None)
-    state = jax.device_put(state, sh)
-    step = stage_common.make_update(erpd.DISTILL, scfg, graphdef, (), tx, sh)
     batch = hand_batch()
     batch["advantages"] = np.random.default_rng(3).normal(size=batch["mask"].shape).astype(np.float32)
     keys = erpd.distill_batch_spec(scfg, 8, 5, 7)
-    with jax.set_mesh(mesh):
-        placed = {k: jax.device_put(jnp.asarray(batch[k]), runtime.sharding.batch_sharding(mesh, batch[k].ndim,
-                                                                                           shape=batch[k].shape))
-                  for k in keys}
-        new, metrics = step(state, placed, None)
-    return jax.device_get(new.params), jax.device_get(metrics)
-
-
-def test_distill_update_on_8_devices_equals_1_device():
-    one_params, one_metrics = _one_distill_update(jax.devices()[:1])
-    eight_params, eight_metrics = _one_distill_update(jax.devices())
+    one_params, one_metrics = one_update(erpd.DISTILL, scfg, tiny_model(), batch, keys, jax.devices()[:1])
+    eight_params, eight_metrics = one_update(erpd.DISTILL, scfg, tiny_model(), batch, keys, jax.devices())
     chex.assert_trees_all_close(one_params, eight_params, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(one_metrics["loss"], eight_metrics["loss"], rtol=1e-5)
-
-
-def _records(workdir, stage):
-    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-            if r["stage"] == stage and "loss" in r]
 
 
 def _smoke(tmp_path, variant, **distill):
@@ -154,9 +132,9 @@ def test_distill_raises_the_reward_on_the_batch(tmp_path, variant):
     """Strategies 1 and 2: the surrogate gain mean_t A_t (log pi - log pi_old) on the fixed
     batch rises from 0 over the distillation updates."""
     _smoke(tmp_path, variant, steps=6, track_every=2)
-    gains = [r["surrogate_gain"] for r in _records(tmp_path, "erpd_distill@1") if "surrogate_gain" in r]
+    gains = [r["surrogate_gain"] for r in stage_records(tmp_path, "erpd_distill@1") if "surrogate_gain" in r]
     assert len(gains) == 3 and 0 < gains[0] < gains[-1], gains
-    teacher = _records(tmp_path, "erpd_teacher@1")
+    teacher = stage_records(tmp_path, "erpd_teacher@1")
     assert (tmp_path / "artifacts" / "erpd_teacher@1" / "batch.npz").exists()
     assert any("kl_old_k3" in r for r in teacher) and (tmp_path / "models" / "erpd_teacher@1").is_dir()
     results = json.loads((tmp_path / "results.json").read_text())["stages"]  # KL to the base (the SFT student)

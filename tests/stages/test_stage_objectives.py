@@ -2,7 +2,6 @@
 against a hand-built case or NumPy (bridge/losses and bridge/advantages are tested alone in
 tests/losses and tests/test_advantages.py)."""
 
-import json
 
 import chex
 import jax
@@ -14,16 +13,11 @@ from flax import nnx
 from bridge import pipelines, train_state
 from bridge.stages import common as stage_common, opd, rl
 from configs import common
-from stage_helpers import hand_batch, reference_logp, smoke_config, tiny_model
+from stage_helpers import hand_batch, reference_logp, smoke_config, stage_records, tiny_model
 
 
 def _jnp(batch):
     return {k: jnp.asarray(v) for k, v in batch.items()}
-
-
-def _records(workdir, stage):
-    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-            if r["stage"] == stage and "loss" in r]
 
 
 # ---- the update step ----------------------------------------------------------------------------
@@ -132,7 +126,7 @@ def test_rl_stage_with_dapo_overlong_kl_reward_and_tis(tmp_path):
                        student_rl__sampling__top_p=0.8, student_rl__sampling__top_k=5,
                        student_rl__sampling__temperature=0.7)
     pipelines.run(cfg, str(tmp_path))
-    records = _records(tmp_path, "student_rl")
+    records = stage_records(tmp_path, "student_rl")
     assert len(records) == 2
     for r in records:
         assert all(np.isfinite(v) for v in r.values() if isinstance(v, float))
@@ -147,7 +141,7 @@ def test_rl_reference_is_a_model_reference(tmp_path):
     cfg = smoke_config(["teacher_sft", "student_rl"], student_rl__steps=1, student_rl__kl_coef=0.05,
                        student_rl__reference="stage:teacher_sft")
     pipelines.run(cfg, str(tmp_path))
-    assert _records(tmp_path, "student_rl")[0]["kl_ref_seq"] > 0.01
+    assert stage_records(tmp_path, "student_rl")[0]["kl_ref_seq"] > 0.01
     cfg = smoke_config(["student_rl"], student_rl__steps=1, student_rl__kl_coef=0.05,
                        student_rl__reference="stage:nowhere")
     with pytest.raises(ValueError, match="stage 'nowhere' has not finished"):
@@ -260,7 +254,7 @@ def test_opd_loss_reduces_teacher_kl(tmp_path, trained_teacher, overrides):
     cfg.models.teacher.hf_dir = trained_teacher
     cfg.stages.opd.optimizer.lr = 1e-2
     pipelines.run(cfg, str(tmp_path))
-    records = _records(tmp_path, "opd")
+    records = stage_records(tmp_path, "opd")
     kl = [r["teacher_reverse_kl_sampled"] for r in records]
     assert np.mean(kl[-2:]) < 0.7 * np.mean(kl[:2]), kl
     if "tip_rule" in overrides:
