@@ -192,6 +192,7 @@ class Context:
     slots: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)
     current: Unit | None = None  # the unit being built or run
+    stage_tasks: dict = dataclasses.field(default_factory=dict, repr=False)  # `stage_task`'s, by options
 
     @functools.cached_property
     def eos_ids(self) -> tuple[int, ...]:
@@ -221,13 +222,19 @@ class Context:
 
     def stage_task(self, scfg):
         """The run's task, or the same task with the stage's `task_options` overriding its
-        options (e.g. a larger training split for supervised pretraining)."""
+        options (e.g. a larger training split for supervised pretraining); one task object per
+        options, so its examples are made once (the startup check, the pool and the held-out
+        problems of a 150k-problem SFT pool share them)."""
         overrides = scfg.get("task_options")
         if not overrides or not overrides.to_dict():
             return self.task
         from bridge import tasks
 
-        return tasks.get_task(self.cfg.task.name, **{**self.cfg.task.options.to_dict(), **overrides.to_dict()})
+        options = {**self.cfg.task.options.to_dict(), **overrides.to_dict()}
+        key = json.dumps(options, sort_keys=True, default=str)
+        if key not in self.stage_tasks:
+            self.stage_tasks[key] = tasks.get_task(self.cfg.task.name, **options)
+        return self.stage_tasks[key]
 
     def prompts(self, unit: Unit, batch_size: int):
         """The unit's shuffled, checkpointable stream of training prompt batches."""
@@ -617,6 +624,7 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
         with open(done) as f:
             ctx.results[unit.id] = json.load(f)["results"]
         return
+    started = time.perf_counter()
     program: StageProgram = kind.build(ctx, unit, scfg)
     ckpts = checkpoint.StageCheckpoints(ctx.workdir, unit.id, keep=ctx.cfg.checkpoint.keep)
     expect = {"config": checkpoint.fingerprint(scfg.to_dict()),
@@ -669,11 +677,15 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
         return
     stage_results = {}
     if export:  # a kill from here to DONE evaluates again on resume: the record is replaced
-        stage_results = evaluate_slot(ctx, model)
+        kl_reference = _stage_kl_reference(ctx, unit, scfg) or ctx.cfg.eval.get("kl_reference") or ""
+        stage_results = evaluate_slot(ctx, model, kl_reference)
         if stage_results:
             ctx.writer.write(unit.id, total, {f"eval_{k}": v for k, v in stage_results.items()}, replace=True)
-        stage_results["eval"] = ctx.cfg.eval.to_dict()
+        stage_results["eval"] = {**ctx.cfg.eval.to_dict(), "kl_reference": kl_reference}
     stage_results.update(_unit_totals(ctx, unit))
+    # steps: where the stage ended (its stopping rule may end it early); wall_time_s: this
+    # process's time on the unit (build, compile, steps, evaluation), for the summary table
+    stage_results.update(steps=total, wall_time_s=round(time.perf_counter() - started, 2))
     if export:
         models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -684,6 +696,18 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     with open(done + ".tmp", "w") as f:
         json.dump({"results": stage_results, "exported": export, "iteration": unit.iteration}, f)
     os.replace(done + ".tmp", done)
+
+
+def _stage_kl_reference(ctx: Context, unit: Unit, scfg) -> str:
+    """A stage's `eval_kl_reference` (e.g. "stage:student_sft", the base of its model), or ""
+    when it names a stage unit that is neither this unit nor exported in the workdir (a pipeline
+    without that base: its evaluation then reports no KL)."""
+    ref = str(scfg.get("eval_kl_reference") or "")
+    if ref.startswith("stage:"):
+        target = ctx.resolve(ref)[len("stage:"):]
+        if target != unit.id and not os.path.exists(os.path.join(ctx.workdir, "models", target, DONE)):
+            return ""
+    return ref
 
 
 def _unit_totals(ctx: Context, unit: Unit) -> dict:
@@ -713,10 +737,11 @@ def _write_cursor(ctx: Context, stage: str, step: int) -> None:
         json.dump({"stage": stage, "step": step}, f)
 
 
-def evaluate_slot(ctx: Context, model) -> dict:
+def evaluate_slot(ctx: Context, model, kl_reference: str | None = None) -> dict:
     """avg@n accuracy (greedy by default), pass@n, response length and entropy on the first
-    `eval.num_prompts` test prompts, sampled as config.eval says; with `eval.kl_reference` (a
-    model reference, e.g. the base model) also the KL to it along the sampled completions
+    `eval.num_prompts` test prompts, sampled as config.eval says; with `kl_reference` (default
+    `eval.kl_reference`; a stage's `eval_kl_reference` in `run_stage`: a model reference, e.g.
+    the base model) also the KL to it along the sampled completions
     (`bridge.evaluation.runner`: exact over the vocabulary, summed per completion and per token)."""
     from bridge.evaluation import runner
 
@@ -724,10 +749,10 @@ def evaluate_slot(ctx: Context, model) -> dict:
     if not int(ecfg.num_prompts):
         return {}
     n = int(ecfg.get("n", 1))
-    reference = None
-    if ecfg.get("kl_reference"):  # the unit that makes the reference compares against itself (KL 0)
-        own = ctx.current is not None and ctx.resolve(ecfg.kl_reference) == f"stage:{ctx.current.id}"
-        reference = model if own else ctx.model(ecfg.kl_reference)
+    reference, kl_reference = None, ecfg.get("kl_reference") if kl_reference is None else kl_reference
+    if kl_reference:  # the unit that makes the reference compares against itself (KL 0)
+        own = ctx.current is not None and ctx.resolve(kl_reference) == f"stage:{ctx.current.id}"
+        reference = model if own else ctx.model(kl_reference)
     out = runner.evaluate(model, ctx.tokenizer, ctx.task, n=n, temperature=float(ecfg.get("temperature", 0.0)),
                           top_p=float(ecfg.get("top_p", 1.0)), top_k=int(ecfg.get("top_k", 0)),
                           max_new_tokens=int(ecfg.max_new_tokens), limit=int(ecfg.num_prompts),

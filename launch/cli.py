@@ -118,5 +118,79 @@ def _resume_point(workdir: str) -> str:
     return f"running the same command resumes stage {state['stage']} from {start}"
 
 
-def format_summary(summary: dict) -> str:
-    return json.dumps(summary, indent=2, default=str)
+def _cell(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    minutes, seconds = divmod(int(round(float(seconds))), 60)
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+SUMMARY_COLUMNS = ("stage", "model", "steps", "accuracy", "pass@k", "KL to base", "entropy", "length", "wall time")
+
+
+def summary_rows(summary: dict, cfg=None) -> list[dict]:
+    """One row per unit of `summary["stages"]` (run order): its model slot, the step it ended
+    at, the evaluation's accuracy, pass@n, KL to the base (per completion), token entropy and
+    response length (blank when the unit does not export), and its wall time."""
+    rows = []
+    for unit, r in summary.get("stages", {}).items():
+        stage = unit.split("@")[0]
+        scfg = cfg.stages.get(stage) if cfg is not None and "stages" in cfg else None
+        pass_key = next((k for k in r if k.startswith("pass@")), None)
+        rows.append({"stage": unit, "model": scfg.get("model") if scfg is not None else None,
+                     "steps": r.get("steps"), "accuracy": r.get("accuracy"), "pass@k": r.get(pass_key),
+                     "pass_key": pass_key, "KL to base": r.get("kl_to_reference"), "entropy": r.get("entropy"),
+                     "length": r.get("response_length"),
+                     "wall time": r.get("wall_time_s", r.get("train_time_s"))})
+    return rows
+
+
+def format_summary(summary: dict, cfg=None, workdir: str | None = None, wall_time_s: float | None = None) -> str:
+    """The run's summary as a Markdown table, one row per stage, then the pipeline's own
+    numbers (e.g. the bridge's C1/C2), where the plots are and the JSON with everything
+    (<workdir>/results.json)."""
+    rows = summary_rows(summary, cfg)
+    keys = sorted({r["pass_key"] for r in rows if r["pass_key"]})
+    header = [c if c != "pass@k" or len(keys) != 1 else keys[0] for c in SUMMARY_COLUMNS]
+    table = [[_cell(r[c]) if c != "wall time" else _duration(r[c]) for c in SUMMARY_COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
+    left = {"stage", "model"}
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if name in left else c.rjust(w)
+                                 for c, w, name in zip(cells, widths, SUMMARY_COLUMNS)) + " |"
+
+    out = ["", "Summary" + (f" of {workdir}" if workdir else "") +
+           (f" (wall time {_duration(wall_time_s)})" if wall_time_s is not None else ""), "",
+           line(header), "|" + "|".join(("-" * (w + 2)) if name in left else ("-" * (w + 1) + ":")
+                                       for w, name in zip(widths, SUMMARY_COLUMNS)) + "|"]
+    out += [line(t) for t in table]
+    out += ["", "accuracy and pass@k: the evaluation's (config.eval) on held-out test prompts; KL to base: "
+            "exact KL to the stage's base model (eval_kl_reference or eval.kl_reference), summed along "
+            "each completion; entropy: mean per token; length: tokens per completion; wall time: the stage's "
+            "build, steps and evaluation in this run."]
+    skipped = {u: r["nonfinite_skipped_updates"] for u, r in summary.get("stages", {}).items()
+               if r.get("nonfinite_skipped_updates")}
+    if skipped:
+        out.append("non-finite updates skipped: " + ", ".join(f"{u} {n}" for u, n in skipped.items()))
+    extra = {k: v for k, v in summary.items() if k not in ("stages", "final", "plots")}
+    names = {"c1_teacher_accuracy_after_rl": "C1, teacher accuracy after RL",
+             "c2_teacher_student_kl_before_opd": "C2, teacher-student sampled reverse KL before OPD (nats/token)"}
+    for key, value in extra.items():
+        if isinstance(value, (int, float, str)) or value is None:
+            out.append(f"{names.get(key, key)}: {_cell(value)}")
+    plots = summary.get("plots") or []
+    if plots:
+        folders = sorted({os.path.dirname(p) for p in plots})
+        out.append(f"plots: {', '.join(folders)} ({', '.join(os.path.basename(p) for p in plots)})")
+    if workdir:
+        out.append(f"everything above, per stage and more: {os.path.join(workdir, 'results.json')}")
+    return "\n".join(out)

@@ -9,10 +9,12 @@ the changed keys (e.g. `--allow_changed=stages.student_rl.optimizer.lr` after a 
 stop, or `eval` for new evaluation settings): applied from the first unfinished unit and
 recorded in <workdir>/history.jsonl. Every error (config, data, weights, workdir, checkpoint)
 prints one line and exits 2, the traceback only with --debug; Ctrl-C exits 130 saying where
-the run will resume.
+the run will resume. At the end it prints a table of the stages (accuracy, pass@k, KL to the
+base, entropy, length, wall time), where the plots are, and <workdir>/results.json holds it all.
 """
 
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,9 +36,10 @@ def main(argv):
 
     if not _WORKDIR.value:
         cli.fail("--workdir is required.")
+    started = time.perf_counter()
     with cli.user_errors(_WORKDIR.value), runtime.workdir_lock(_WORKDIR.value, _ALLOW_CHANGED.value):
         summary = pipelines.run(_CONFIG.value, _WORKDIR.value)
-    print(cli.format_summary(summary))
+    print(cli.format_summary(summary, _CONFIG.value, _WORKDIR.value, time.perf_counter() - started))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,29 @@ def test_smoke_bridge_runs_end_to_end(tmp_path):
     rl = [r for r in records if r["stage"] == "teacher_rl" and "reward" in r]
     assert {"reward", "accuracy", "entropy", "response_length", "clip_frac_high", "grad_norm",
             "sample_tokens_per_s", "train_tokens_per_s", "step_time_s"} <= set(rl[0])
+    _check_summary_table(result.stdout, summary, tmp_path)
+
+
+def _check_summary_table(stdout, summary, workdir):
+    """The launcher prints a table, one row per stage (with its model, accuracy, pass@k, KL to
+    the base, entropy, length, wall time), where the plots are and results.json's path, not the JSON."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| stage "))
+    assert [c.strip() for c in lines[header].strip("|").split("|")] == [
+        "stage", "model", "steps", "accuracy", "pass@1", "KL to base", "entropy", "length", "wall time"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:] if line.startswith("|")]
+    assert [r[0] for r in rows] == list(summary["stages"])
+    models = {"teacher_sft": "teacher", "teacher_rl": "teacher"}
+    for row in rows:
+        unit = summary["stages"][row[0]]
+        assert row[1] == models.get(row[0], "student") and int(row[2]) == unit["steps"] == 3
+        printed = dict(zip(("accuracy", "pass@1", "kl_to_reference", "entropy", "response_length"), map(float, row[3:8])))
+        for key, value in printed.items():  # KL to the base: to the model's own SFT stage
+            assert abs(value - unit[key]) <= 5e-4, (row, key)
+        assert row[8].endswith("s") and unit["wall_time_s"] >= unit["train_time_s"]
+    assert summary["stages"]["teacher_sft"]["kl_to_reference"] == 0.0  # the base itself
+    assert f"plots: {workdir / 'plots'}" in stdout and f"{workdir / 'results.json'}" in stdout
+    assert not stdout.lstrip().startswith("{")  # no JSON dump
 
 
 RESUME_CONFIG = '''

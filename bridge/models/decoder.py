@@ -77,7 +77,11 @@ class Dense(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # As one 2-D matmul over the flattened leading axes: XLA on CPU runs the gradient's
+        # [..., in] x [..., out] contraction over several axes far slower than over one.
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = y.reshape(*lead, y.shape[-1])
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 

@@ -368,6 +368,11 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: i
     return tokens, mask
 
 
+# The shortest prompt bucket. The padded prompt width is the width of every rollout a stage
+# trains on and scores, so it is small: the toy's 10-token prompts pad to 10 (16 cost the
+# teacher-forced passes a third more work).
+PROMPT_BUCKET_MIN = 8
+
 _SAMPLERS: dict = {}
 
 
@@ -389,8 +394,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     alpha * (expert - antiexpert) logits at every step (proxy-tuning). With a mesh, the batch
     is split over ("data", "fsdp") and params by their logical axes (`rules`, default
     bridge.sharding.DEFAULT_RULES). The batch is padded to `bucket(len(prompts))` (and to a
-    multiple of the batch shards) and the prompt length to `bucket(max_len, 16)`, so calls
-    with nearby sizes share one compilation.
+    multiple of the batch shards) and the prompt length to `bucket(max_len, PROMPT_BUCKET_MIN)`,
+    so calls with nearby sizes share one compilation.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token.")
@@ -412,7 +417,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     b = len(prompts)
     step = shards // math.gcd(n, shards)  # rows * n must divide evenly over the batch shards
     rows = -(-bucket(b) // step) * step
-    tokens, mask = left_pad(prompts, bucket(max(len(p) for p in prompts), 16), rows, pad_id)
+    tokens, mask = left_pad(prompts, bucket(max(len(p) for p in prompts), PROMPT_BUCKET_MIN), rows, pad_id)
     live = np.arange(rows) < b
     if stop_ids is not None and len(stop_ids) != b:
         raise ValueError(f"stop_ids needs one list per prompt: {len(stop_ids)} lists for {b} prompts.")

@@ -28,20 +28,41 @@ from flax import nnx
 
 from bridge import losses, runtime, scoring
 from bridge.stages import Sampling, StageKind, common
-from bridge.tasks import loaders
+from bridge.tasks import base, loaders
+
+
+def _ragged(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged id lists -> (ids int32[R, L], mask bool[R, L]), padded on the left or the right."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    width = int(lengths.max()) if len(rows) else 0
+    flat = np.fromiter((t for row in rows for t in row), np.int32, int(lengths.sum()))
+    column = np.arange(width)[None, :]
+    mask = column >= (width - lengths)[:, None] if left else column < lengths[:, None]
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    ids[mask] = flat  # row-major order of the mask is each row's ids in order
+    return ids, mask
 
 
 def pad_pool(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
     """Ragged prompt / completion ids -> left-padded prompts and right-padded completions."""
-    p, n, rows = max(map(len, prompts)), max(map(len, targets)), len(prompts)
-    out = {"prompt_tokens": np.full((rows, p), pad_id, np.int32), "prompt_mask": np.zeros((rows, p), bool),
-           "tokens": np.full((rows, n), pad_id, np.int32), "mask": np.zeros((rows, n), bool)}
-    for i, (a, b) in enumerate(zip(prompts, targets)):
-        out["prompt_tokens"][i, p - len(a):] = a
-        out["prompt_mask"][i, p - len(a):] = True
-        out["tokens"][i, :len(b)] = b
-        out["mask"][i, :len(b)] = True
-    return out
+    prompt_tokens, prompt_mask = _ragged(prompts, pad_id, left=True)
+    tokens, mask = _ragged(targets, pad_id, left=False)
+    return {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask}
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens, in one batched tokenizer call."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def prompt_ids(task, examples, tokenizer) -> list[list[int]]:
+    """`task.prompt_ids` of every example: raw-text prompts in one batched tokenizer call (a pool
+    of 150k toy problems: 1 s instead of 15), chat templates and overrides one by one."""
+    if getattr(task, "chat", False) or type(task).prompt_ids is not base.Task.prompt_ids:
+        return [task.prompt_ids(e, tokenizer) for e in examples]
+    return encode_texts(tokenizer, [task.prompt_text(e) for e in examples])
 
 
 def check_solutions(task, examples, stage: str = "") -> None:
@@ -70,9 +91,8 @@ def gold_pool(ctx: runtime.Context, examples, task=None) -> dict:
     eos = [ctx.tokenizer.eos_token_id]
     task = task or ctx.task
     check_solutions(task, examples, ctx.current.id if ctx.current is not None else "")
-    return pad_pool([task.prompt_ids(e, ctx.tokenizer) for e in examples],
-                    [ctx.tokenizer.encode(e.solution, add_special_tokens=False) + eos for e in examples],
-                    ctx.pad_id)
+    return pad_pool(prompt_ids(task, examples, ctx.tokenizer),
+                    [ids + eos for ids in encode_texts(ctx.tokenizer, [e.solution for e in examples])], ctx.pad_id)
 
 
 def file_pool(ctx: runtime.Context, path: str) -> dict:
@@ -82,8 +102,9 @@ def file_pool(ctx: runtime.Context, path: str) -> dict:
     if not records or not all("prompt" in r and "completion" in r for r in records):
         raise ValueError(f"{path}: expected JSONL records with 'prompt' and 'completion' fields.")
     eos = [ctx.tokenizer.eos_token_id]
-    enc = lambda t: ctx.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
-    return pad_pool([enc(r["prompt"]) for r in records], [enc(r["completion"]) + eos for r in records], ctx.pad_id)
+    completions = encode_texts(ctx.tokenizer, [r["completion"] for r in records])
+    return pad_pool(encode_texts(ctx.tokenizer, [r["prompt"] for r in records]), [c + eos for c in completions],
+                    ctx.pad_id)
 
 
 def teacher_pool(ctx: runtime.Context, teacher, examples, scfg, unit) -> dict:
@@ -134,6 +155,30 @@ def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
     np.savez(path + ".tmp.npz", **pool)
     os.replace(path + ".tmp.npz", path)
     return pool
+
+
+class PoolOrder:
+    """`common.pool_rows` (the rows of update `step`: slices of one seeded permutation per
+    epoch), each epoch's permutation drawn once instead of twice a step (a 150k-row pool: 30 ms
+    a step)."""
+
+    def __init__(self, ctx: runtime.Context, unit, rows: int, batch_size: int):
+        self.ctx, self.unit, self.rows, self.batch_size = ctx, unit, rows, batch_size
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            for old in [e for e in self._orders if e < epoch - 1]:
+                del self._orders[old]
+            self._orders[epoch] = self.ctx.np_rng(self.unit, epoch, "order").permutation(self.rows)
+        return self._orders[epoch]
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step * self.batch_size, self.rows)
+        order = self._order(epoch)
+        if pos + self.batch_size > self.rows:
+            order = np.concatenate([order, self._order(epoch + 1)])
+        return order[pos:pos + self.batch_size]
 
 
 MICROBATCH_WEIGHT = common.token_count()  # every sft loss is a token mean
@@ -191,9 +236,10 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         raise ValueError(f"Stage {unit.id!r}: batch_size {bs} exceeds the pool's {rows} rows.")
 
     _, validation = split_validation(ctx.stage_task(scfg), scfg)
+    order = PoolOrder(ctx, unit, rows, bs)
 
     def step(state, i):
-        idx = common.pool_rows(ctx, unit, i, rows, bs)
+        idx = order(i)
         batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.Rollout.TOKEN_KEYS})
         state, metrics = trainer.update(state, batch, frozen)
         metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))

@@ -79,6 +79,8 @@ def get_config(arg=None):
     c.stages.warmup = common.sft_stage("student", 1e-3, 100, teacher="teacher", batch_size=256, **gen())
     c.stages.opd = common.opd_stage("student", 1e-4, 200, teacher="teacher", advantage_norm="whiten", **gen())
     c.stages.student_rl = common.rl_stage("student", 3e-4, 300 if row == "direct_grpo" else 100, **gen())
+    for stage in c.stages.values():  # the summary's KL to the base: each model's own SFT stage
+        stage.eval_kl_reference = f"stage:{stage.model}_sft"
     for algo in (p for p in parts if p in RL_ALGOS):
         for stage in (c.stages.teacher_rl, c.stages.student_rl):
             for key, value in RL_ALGOS[algo].items():

@@ -153,7 +153,8 @@ def test_prompt_outputs_are_left_padded_and_repeated(qwen3):
     _, model = qwen3
     out = sampling.generate(model, PROMPTS, max_new_tokens=8, n=2, seed=3, temperature=0.7)
     p = out.prompt_tokens.shape[1]
-    assert p % 16 == 0 and out.tokens.shape == (8, 8)
+    assert p == sampling.bucket(max(map(len, PROMPTS)), sampling.sampler.PROMPT_BUCKET_MIN)
+    assert out.tokens.shape == (8, 8)
     for r in range(8):
         prompt = PROMPTS[r // 2]
         np.testing.assert_array_equal(np.asarray(out.prompt_tokens)[r, p - len(prompt):], prompt)
@@ -329,7 +330,7 @@ def test_repeated_calls_in_one_bucket_compile_once(qwen3):
     _, model = qwen3
     kw = dict(max_new_tokens=8, temperature=1.0, top_k=4)
     sampling.generate(model, [[1, 2, 3], [4, 5]], **kw)
-    sampling.generate(model, [[7] * 9, [8] * 12], seed=1, **kw)  # same buckets: batch 2, length 16
+    sampling.generate(model, [[7] * 6, [8] * 8], seed=1, **kw)  # same buckets: batch 2, length 8
     sampler = next(s for key, s in sampling.sampler._SAMPLERS.items() if key[1].top_k == 4)
     assert sampler._jitted[0]._cache_size() == 1 and sampler._jitted[1]._cache_size() == 1
 
@@ -338,7 +339,8 @@ def test_make_sampler_and_pure_sample_inside_jit_match_generate(qwen3):
     _, model = qwen3
     config = sampling.SamplingConfig(max_new_tokens=8, temperature=0.7, n=2)
     graphdef, state = nnx.split(model)
-    tokens, mask = sampling.left_pad(PROMPTS, 16, len(PROMPTS), config.pad_id)
+    width = sampling.bucket(max(map(len, PROMPTS)), sampling.sampler.PROMPT_BUCKET_MIN)  # as generate pads
+    tokens, mask = sampling.left_pad(PROMPTS, width, len(PROMPTS), config.pad_id)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     want = sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=0.7, n=2, seed=3)
     compiled = sampling.make_sampler(graphdef, config)(state, tokens, mask, jax.random.key(3))

@@ -210,12 +210,14 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 
 
 def test_rl_stage_raises_the_probability_of_correct_answers(tmp_path):
-    """GRPO on 1-digit addition after a short SFT: the gold answers' log-probability rises."""
+    """GRPO on 1-digit addition after a short SFT: the gold answers' log-probability rises.
+    (40 RL steps: after 20 the rise was within the run-to-run noise of float rounding; a
+    mathematically equal reshape of the decoder's matmuls turned +0.11 into -0.02.)"""
     from bridge import scoring
     from bridge.stages import sft
 
     cfg = smoke_config(["student_sft", "student_rl"], student_sft__steps=60, student_sft__batch_size=16,
-                       student_sft__pool_prompts=22, student_rl__steps=20, student_rl__prompts_per_step=8,
+                       student_sft__pool_prompts=22, student_rl__steps=40, student_rl__prompts_per_step=8,
                        student_rl__sampling__n=8)
     cfg.task.options.update(digits=1, num_train=22, num_test=5)
     cfg.stages.student_sft.optimizer.lr = 1e-2
