@@ -267,7 +267,7 @@ def test_exopd_base_is_a_model_reference(tmp_path, trained_teacher):
     cfg = smoke_config(["opd"], opd__steps=1, opd__loss="exopd", opd__base="hf:" + trained_teacher)
     cfg.models.teacher.hf_dir = trained_teacher
     pipelines.run(cfg, str(tmp_path / "a"))
-    assert np.isfinite(_records(tmp_path / "a", "opd")[0]["loss"])
+    assert np.isfinite(stage_records(tmp_path / "a", "opd")[0]["loss"])
     cfg = smoke_config(["opd"], opd__steps=1, opd__loss="exopd", opd__base="stage:teacher_rl")
     with pytest.raises(ValueError, match="stage 'teacher_rl' has not finished"):
         pipelines.run(cfg, str(tmp_path / "b"))
