@@ -63,16 +63,22 @@ def format_answer(a: int, b: int, digits: int, op: str) -> str:
     return str(value).zfill(answer_width(digits, op))
 
 
+def addition_columns(a: int, b: int, digits: int) -> tuple[list[str], int]:
+    """Column additions from the least significant digit, "da+db+carry=total" each, and the
+    carry out of the last column."""
+    steps, carry = [], 0
+    for i in range(digits):
+        da, db = (a // 10**i) % 10, (b // 10**i) % 10
+        total = da + db + carry
+        steps.append(f"{da}+{db}+{carry}={total}")
+        carry = total // 10
+    return steps, carry
+
+
 def worked_steps(a: int, b: int, digits: int, op: str) -> str:
     """The worked steps before ":" (see the module docstring)."""
     if op == "+":
-        steps, carry = [], 0
-        for i in range(digits):
-            da, db = (a // 10**i) % 10, (b // 10**i) % 10
-            total = da + db + carry
-            steps.append(f"{da}+{db}+{carry}={total}")
-            carry = total // 10
-        return ",".join(steps)
+        return ",".join(addition_columns(a, b, digits)[0])
     return "+".join(str(a * ((b // 10**i) % 10) * 10**i) for i in range(digits))
 
 
@@ -169,12 +175,7 @@ def column_steps(a: int, b: int, digits: int, op: str) -> list[str]:
     answer = format_answer(a, b, digits, op)
     if op == "*":
         return [f"{i}={d}" for i, d in enumerate(reversed(answer))]
-    out, carry = [], 0
-    for i in range(digits):
-        da, db = (a // 10**i) % 10, (b // 10**i) % 10
-        total = da + db + carry
-        out.append(f"{da}+{db}+{carry}={total}")
-        carry = total // 10
+    out, carry = addition_columns(a, b, digits)
     return out + [f"0+0+{carry}={carry}"]
 
 
