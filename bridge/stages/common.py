@@ -41,12 +41,14 @@ def optimizer(scfg, total_updates: int):
     return train_state.make_optimizer(_Cfg(opt_cfg))
 
 
-def make_trainer(ctx: runtime.Context, kind, scfg, model, frozen_graphdefs, total_updates: int) -> Trainer:
+def make_trainer(ctx: runtime.Context, kind, scfg, model, frozen_graphdefs, total_updates: int,
+                 wrap_optimizer: Callable = lambda tx: tx) -> Trainer:
     """The stage's state on the mesh and its jitted update step (see `train_state`); the state
-    holds `kind.trained(scfg, model, ctx.model)` (the policy, or the policy with a critic)."""
+    holds `kind.trained(scfg, model, ctx.model)` (the policy, or the policy with a critic) and
+    the optimizer `wrap_optimizer(optimizer(scfg, total_updates))` (e.g. carrying an EMA)."""
     graphdef, params = nnx.split(kind.trained(scfg, model, ctx.model))
     params = jax.tree.map(jnp.copy, params)  # the stage owns (and donates) its own buffers
-    tx = optimizer(scfg, total_updates)
+    tx = wrap_optimizer(optimizer(scfg, total_updates))
     state = train_state.init_state(params, tx)
     shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
     state = jax.device_put(state, shardings)

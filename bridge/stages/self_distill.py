@@ -61,7 +61,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, sampling, scoring, train_state
+from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
 from bridge.kernels.logprobs import token_divergence
 from bridge.losses import aggregation
 from bridge.stages import StageKind, common
@@ -238,15 +238,8 @@ def entropy_weights(entropy, mask, tau: float):
 
 def make_trainer(ctx, kind, scfg, model, frozen_graphdefs, total_updates: int) -> common.Trainer:
     """`common.make_trainer`, with the EMA teacher carried in the optimizer state for "ema"."""
-    if scfg.teacher != "ema":
-        return common.make_trainer(ctx, kind, scfg, model, frozen_graphdefs, total_updates)
-    graphdef, params = nnx.split(model)
-    params = jax.tree.map(jnp.copy, params)
-    tx = with_ema(common.optimizer(scfg, total_updates), float(scfg.ema_decay))
-    state = train_state.init_state(params, tx)
-    shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
-    state = jax.device_put(state, shardings)
-    return common.Trainer(graphdef, state, common.make_update(kind, scfg, graphdef, frozen_graphdefs, tx, shardings))
+    wrap = (lambda tx: with_ema(tx, float(scfg.ema_decay))) if scfg.teacher == "ema" else (lambda tx: tx)
+    return common.make_trainer(ctx, kind, scfg, model, frozen_graphdefs, total_updates, wrap)
 
 
 def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
