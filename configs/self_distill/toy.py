@@ -19,7 +19,9 @@ arg: comma-separated variants.
             first wrong digit) | critique (the first failing column, "a+b+carry=total") | srpo
             (correct samples to GRPO, failed ones to SDPO-context self-distillation) | grpo (the
             baseline: the rl stage alone) | ghpo (GRPO plus GHPO's adaptive guidance: a group with
-            no correct sample is sampled again after the first 25%, 50%, 75% of its answer)
+            no correct sample is sampled again after the first 25%, 50%, 75% of its answer) |
+            proxy (proxy-tuning: `configs/self_distill/proxy.py`, its expert, anti-expert and
+            base) | distill (proxy with its base_distill stage)
   teacher:  frozen (default) | live | ema
   loss:     jsd (default, beta 0.5) | sampled (sampled-token reverse KL as a dense advantage) |
             rkl | fkl | ce (DistIL forward cross-entropy) | topk (reverse KL over the teacher's
@@ -37,6 +39,7 @@ tokenizer, and with it the base, is the bridge toy's.
 """
 
 from configs import common
+from configs.self_distill import proxy
 from configs.sparse_to_dense import toy
 
 METHODS = ("opsd", "sdpo", "hint", "critique", "srpo", "grpo", "ghpo")
@@ -44,7 +47,7 @@ TEACHERS = ("frozen", "live", "ema")
 LOSSES = {"jsd": {}, "sampled": dict(loss="sampled_reverse_kl", advantage_norm="whiten"),
           "rkl": dict(loss="reverse_kl"), "fkl": dict(loss="forward_kl"), "ce": dict(loss="forward_ce"),
           "topk": dict(loss="reverse_kl", divergence_top_k=4)}
-VARIANTS = ("toy", "smoke", "read_contexts", "plain_base", *METHODS, *TEACHERS, *LOSSES)
+VARIANTS = ("toy", "smoke", "read_contexts", "plain_base", "proxy", "distill", *METHODS, *TEACHERS, *LOSSES)
 # Long carry chains (min_carries=4) were not hard: the base scores 0.50 on them. 8192 train
 # prompts: STEPS x 32 never repeat one.
 HARD = common.cd(digits=5, num_train=8192)
@@ -53,6 +56,8 @@ STEPS = 100  # 100 x 32 prompts x 8 samples: one row in ~5 min on 2 shared cores
 
 def get_config(arg=None):
     parts = common.parse_arg(arg, VARIANTS)
+    if "proxy" in parts or "distill" in parts:
+        return proxy.get_config(",".join(p for p in parts if p in proxy.VARIANTS))
     smoke = "smoke" in parts
     method = next((p for p in parts if p in METHODS), "opsd")
     base = toy.get_config("smoke" if smoke else None)

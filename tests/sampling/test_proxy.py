@@ -159,14 +159,14 @@ def test_launch_eval_with_proxy_flags_equals_a_hand_loop(trio, tmp_path):
 
 @pytest.mark.slow
 def test_proxy_config_runs_end_to_end_and_its_pool_is_proxy_tuned(tmp_path):
-    """configs/self_distill/proxy.py:smoke,distill through launch.train: the expert's SFT and
+    """configs/self_distill/toy.py:proxy,smoke,distill (proxy.py's config) through launch.train: the expert's SFT and
     RL, the base's SFT, and base_distill, whose teacher pool is greedy proxy-tuned sampling of
     the base (the proxy pair as stage:* references). Smoke RL leaves the expert equal to its SFT self (no correct
     rollout, zero advantages), so the test names base_sft as the anti-expert: the pool must be
     argmax((1 - alpha) base + alpha expert_rl) by the hand loop over the exported models."""
     from launch_helpers import run_train
 
-    proc = run_train("configs/self_distill/proxy.py:smoke,distill", tmp_path,
+    proc = run_train("configs/self_distill/toy.py:proxy,smoke,distill", tmp_path,
                      "--config.stages.base_distill.sampling.proxy.antiexpert=stage:base_sft",
                      "--config.stages.base_distill.sampling.proxy.alpha=0.7", "--config.metrics.plots=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
