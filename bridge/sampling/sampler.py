@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
@@ -72,6 +72,10 @@ class SamplingConfig:
     pad_id: int = 0
     n: int = 1
     proxy_alpha: float = 0.0  # used only when proxy models are given
+    # Optional logits hook (logits float32[R, V], row int32[R], step int32[R]) -> logits, applied
+    # to the combined logits before selection; row is the global row id (prompt * n + sample) and
+    # step the index of the token being picked. Static (hashed): a module-level function.
+    processor: Callable | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -124,13 +128,23 @@ def greedy(logits: jax.Array):
     return token.astype(jnp.int32), logprob
 
 
-def _select(logits: jax.Array, key: jax.Array, config: SamplingConfig):
-    """(token int32[R], logprob float32[R]) from last-slot logits float32[R, V]."""
+def row_keys(rng: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:
+    """One key per row: fold_in(fold_in(rng, row), step). A row's draws depend on its global
+    row id and the token index only, not on its batch slot or the batch around it, so the
+    static sampler and slot refill (`bridge.sampling.refill`) draw the same tokens."""
+    return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(rng, r), i))(rows, steps)
+
+
+def _select(logits: jax.Array, rng: jax.Array, rows: jax.Array, steps: jax.Array, config: SamplingConfig):
+    """(token int32[R], logprob float32[R]) from last-slot logits float32[R, V]; rows and
+    steps int32[R] are each row's global id and token index (its random key, `row_keys`)."""
+    if config.processor is not None:
+        logits = config.processor(logits, rows, steps)
     if config.temperature == 0.0:
         return greedy(logits)
     scaled = processors.apply_temperature(logits.astype(jnp.float32), config.temperature)
     z = processors.truncate(scaled, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
-    token = jax.random.categorical(key, z, axis=-1)
+    token = jax.vmap(jax.random.categorical)(row_keys(rng, rows, steps), z)
     picked = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
     logprob = picked - jax.nn.logsumexp(scaled, axis=-1)  # before truncation: what the trainer scores
     return token.astype(jnp.int32), logprob
@@ -176,8 +190,10 @@ def decode(graphdefs, states, caches, logits, prompt_mask, rng, config: Sampling
     live = jnp.ones((r,), bool) if live is None else live
     row_stops = jnp.zeros((r, 0), jnp.int32) if row_stops is None else row_stops
 
+    rows = jnp.arange(r, dtype=jnp.int32)
+
     def pick(i, logits, done):
-        token, logprob = _select(logits, jax.random.fold_in(rng, i), config)
+        token, logprob = _select(logits, rng, rows, jnp.full((r,), i, jnp.int32), config)
         token = jnp.where(done, config.pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)
         stop = processors.is_stop(token, config.eos_ids) | processors.is_row_stop(token, row_stops)
@@ -386,7 +402,7 @@ def _sampler_for(graphdefs, config, mesh, rules) -> Sampler:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] | None = (), seed: int = 0, *,
              min_p: float = 0.0, pad_id: int = 0, n: int = 1, stop_ids: Sequence[Sequence[int]] | None = None,
-             mesh=None, rules=None, proxy=None) -> SampleOutput:
+             mesh=None, rules=None, proxy=None, refill: int = 0, refill_chunk: int = 32) -> SampleOutput:
     """Samples `n` completions for each ragged prompt; rows are prompt-major (b * n + j).
 
     temperature 0 is greedy. A row stops at any of `eos_ids` and, with stop_ids (one list per
@@ -396,6 +412,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     bridge.sharding.DEFAULT_RULES). The batch is padded to `bucket(len(prompts))` (and to a
     multiple of the batch shards) and the prompt length to `bucket(max_len, PROMPT_BUCKET_MIN)`,
     so calls with nearby sizes share one compilation.
+
+    refill > 0 decodes with that many slots (rows; rounded up to the batch shards) and slot
+    refill (`bridge.sampling.refill`): a finished row's slot takes the next waiting row, in
+    decode rounds of at most `refill_chunk` steps. Same outputs as the static path.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token.")
@@ -425,6 +445,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     for i, ids in enumerate(stop_ids or ()):
         row_stops[i, :len(ids)] = ids
     states = sampler.place(states)
+    if refill:
+        slots = min(-(-int(refill) // shards) * shards, -(-(b * n) // shards) * shards)
+        key = ("refill", graphdefs, config, mesh, rules, slots, int(refill_chunk))
+        if key not in _SAMPLERS:
+            from bridge.sampling.refill import RefillSampler
+
+            _SAMPLERS[key] = RefillSampler(graphdefs, tuple(m.config for m in models), config, slots=slots,
+                                           chunk=int(refill_chunk), mesh=mesh, rules=rules)
+        out = _SAMPLERS[key](states, tokens, mask, jax.random.key(seed), row_stops, b * n)
+        return out if rows == b else _first_rows(out, b * n)
     out = sampler(states[0], jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
                   proxy_states=states[1:], live=jnp.asarray(live), row_stops=jnp.asarray(row_stops))
     return out if rows == b else _first_rows(out, b * n)
