@@ -402,7 +402,8 @@ def _sampler_for(graphdefs, config, mesh, rules) -> Sampler:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] | None = (), seed: int = 0, *,
              min_p: float = 0.0, pad_id: int = 0, n: int = 1, stop_ids: Sequence[Sequence[int]] | None = None,
-             mesh=None, rules=None, proxy=None, refill: int = 0, refill_chunk: int = 32) -> SampleOutput:
+             mesh=None, rules=None, proxy=None, refill: int = 0, refill_chunk: int = 32,
+             processor=None) -> SampleOutput:
     """Samples `n` completions for each ragged prompt; rows are prompt-major (b * n + j).
 
     temperature 0 is greedy. A row stops at any of `eos_ids` and, with stop_ids (one list per
@@ -416,13 +417,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     refill > 0 decodes with that many slots (rows; rounded up to the batch shards) and slot
     refill (`bridge.sampling.refill`): a finished row's slot takes the next waiting row, in
     decode rounds of at most `refill_chunk` steps. Same outputs as the static path.
+    processor: `SamplingConfig.processor` (a logits hook by row id and token index).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token.")
     alpha = 0.0 if proxy is None else float(proxy[2])
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                             top_k=int(top_k), min_p=float(min_p), eos_ids=tuple(int(e) for e in eos_ids or ()),
-                            pad_id=int(pad_id), n=int(n), proxy_alpha=alpha)
+                            pad_id=int(pad_id), n=int(n), proxy_alpha=alpha, processor=processor)
     models = (model,) if proxy is None else (model, proxy[0], proxy[1])
     split = [nnx.split(m) for m in models]
     graphdefs = tuple(g for g, _ in split)
