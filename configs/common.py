@@ -47,9 +47,13 @@ def sampling(n: int = 8, **kw) -> ml_collections.ConfigDict:
     """Every sampling stage's rollout settings: n samples per prompt, temperature (0 = greedy),
     top_p, top_k, min_p, max_new_tokens and extra stop token ids (besides the tokenizer's eos).
     proxy: proxy-tuning (Liu et al. 2024), the sampled model's logits plus alpha * (expert -
-    antiexpert) at every decode step; expert and antiexpert are model references ("" = off)."""
+    antiexpert) at every decode step; expert and antiexpert are model references ("" = off).
+    refill: slot refill (continuous batching, bridge/sampling/refill.py) with that many decode
+    slots (rows); every prompt of the step in one call, a finished row's slot taking the next
+    row; same rollouts as the static sampler at equal seed. 0 = the static sampler, in
+    sample_batch_size chunks (benchmarks/rollout_lengths.py)."""
     return cd(**{"n": n, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 16,
-                 "stop_ids": (), "proxy": cd(expert="", antiexpert="", alpha=1.0), **kw})
+                 "stop_ids": (), "proxy": cd(expert="", antiexpert="", alpha=1.0), "refill": 0, **kw})
 
 
 def block(stages: tuple, repeat: int) -> ml_collections.ConfigDict:

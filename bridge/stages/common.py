@@ -212,7 +212,8 @@ def sample_rollout(ctx: runtime.Context, model, examples: Sequence, sampling_cfg
     scores prefix + continuation (`guided_prompt_ids`). `sampling_cfg.proxy` with an expert
     and an anti-expert reference decodes proxy-tuned (`proxy_models`).
     """
-    chunk = int(chunk_prompts) or len(examples)
+    # sampling.refill > 0: slot refill over every prompt in one call (its slots bound the cache)
+    chunk = len(examples) if int(sampling_cfg.get("refill", 0)) else int(chunk_prompts) or len(examples)
     prefixes = list(prefixes) if prefixes is not None else [""] * len(examples)
     if len(prefixes) != len(examples):
         raise ValueError(f"sample_rollout: {len(prefixes)} prefixes for {len(examples)} examples.")
@@ -276,7 +277,7 @@ def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: 
                             top_p=float(sc.top_p), top_k=int(sc.top_k), min_p=float(sc.get("min_p", 0.0)),
                             eos_ids=tuple(ctx.eos_ids) + tuple(int(t) for t in sc.get("stop_ids", ())),
                             pad_id=ctx.pad_id, n=n, seed=seed, mesh=ctx.mesh, rules=ctx.rules,
-                            proxy=proxy_models(ctx, sc, model))
+                            proxy=proxy_models(ctx, sc, model), refill=int(sc.get("refill", 0)))
     host = jax.device_get({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
                            "tokens": out.tokens, "mask": out.mask, "sample_logp": out.logprobs,
                            "finish_reason": out.finish_reason, "lengths": out.lengths})
