@@ -99,7 +99,7 @@ def read_metrics(workdir: str) -> dict[str, list[dict]]:
     return dict(out)
 
 
-PLOTTED = ("reward", "accuracy", "loss", "kl_ref", "teacher_reverse_kl_sampled", "forward_kl", "entropy", "response_length",
+PLOTTED = ("reward", "accuracy", "held_out_accuracy", "loss", "kl_ref", "teacher_reverse_kl_sampled", "forward_kl", "entropy", "response_length",
            "clip_frac_high", "grad_norm", "eval_accuracy")
 
 

@@ -226,11 +226,15 @@ class Context:
         options, so its examples are made once (the startup check, the pool and the held-out
         problems of a 150k-problem SFT pool share them)."""
         overrides = scfg.get("task_options")
-        if not overrides or not overrides.to_dict():
+        return self.task_with(overrides.to_dict() if overrides else {})
+
+    def task_with(self, overrides: dict):
+        """The run's task with some of its options overridden (made once per options)."""
+        if not overrides:
             return self.task
         from bridge import tasks
 
-        options = {**self.cfg.task.options.to_dict(), **overrides.to_dict()}
+        options = {**self.cfg.task.options.to_dict(), **overrides}
         key = json.dumps(options, sort_keys=True, default=str)
         if key not in self.stage_tasks:
             self.stage_tasks[key] = tasks.get_task(self.cfg.task.name, **options)
@@ -334,16 +338,22 @@ class Context:
         return self.load(path)
 
 
+def read_context(cfg, workdir: str) -> Context:
+    """A context for reading a run's models and evaluating them: mesh, tokenizer and task, no
+    checks and no metrics writer (nothing is written)."""
+    from bridge import tasks
+
+    return Context(cfg=cfg, workdir=workdir, mesh=make_mesh(tuple(cfg.mesh.shape)),
+                   rules=sharding.as_rules(cfg.mesh.rules) or sharding.DEFAULT_RULES,
+                   tokenizer=tokenizer_from_spec(tokenizer_spec(cfg)),
+                   task=tasks.get_task(cfg.task.name, **cfg.task.options.to_dict()), writer=None)
+
+
 def make_context(cfg, workdir: str) -> Context:
     """Builds mesh, tokenizer, task and metrics writer from the config. Every input is read
     (`_check_inputs`) before anything is written; then the workdir's config is checked and
     recorded (`_check_workdir_config`, with the changes allowed by the `workdir_lock` held)."""
-    from bridge import tasks  # heavy imports only when a run starts
-
-    ctx = Context(cfg=cfg, workdir=workdir, mesh=make_mesh(tuple(cfg.mesh.shape)),
-                  rules=sharding.as_rules(cfg.mesh.rules) or sharding.DEFAULT_RULES,
-                  tokenizer=tokenizer_from_spec(tokenizer_spec(cfg)),
-                  task=tasks.get_task(cfg.task.name, **cfg.task.options.to_dict()), writer=None)
+    ctx = read_context(cfg, workdir)
     _check_inputs(ctx)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(cfg, workdir, _HELD.get(os.path.abspath(workdir), ()))
@@ -660,6 +670,11 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
                     f"--config.stages.{unit.stage}.optimizer.lr=... "
                     f"--allow_changed=stages.{unit.stage}.optimizer.lr")
             stop = bool(step_metrics.pop("stop", 0.0))  # a stage's stopping rule ends it early
+            if _held_out_due(ctx, scfg, step + 1, total, stop):
+                current = kind.policy_of(nnx.merge(program.graphdef, state.params))
+                step_metrics.update(held_out_curve(ctx, current))
+                if step + 1 in {int(k) for k in scfg.get("export_steps", ())}:
+                    ctx.publish(unit, f"step{step + 1}", current)
             ctx.writer.write(unit.id, step + 1, step_metrics)
             if (step + 1) % every == 0 or step + 1 == total or stop:
                 data_state = program.data.get_state() if program.data is not None else None
@@ -696,6 +711,36 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     with open(done + ".tmp", "w") as f:
         json.dump({"results": stage_results, "exported": export, "iteration": unit.iteration}, f)
     os.replace(done + ".tmp", done)
+
+
+def _held_out_due(ctx: Context, scfg, step: int, total: int, stop: bool) -> bool:
+    """Whether step `step` evaluates the held-out curve (every `eval.every` steps, and at the
+    stage's last step) or exports a snapshot (a step in the stage's `export_steps`)."""
+    every = int(ctx.cfg.eval.get("every", 0))
+    curve = every > 0 and (step % every == 0 or step == total or stop)
+    return curve or step in {int(k) for k in scfg.get("export_steps", ())}
+
+
+def held_out_curve(ctx: Context, model) -> dict:
+    """Greedy accuracy of `model` on the first `eval.curve_prompts` test problems of the run's
+    task ("held_out_accuracy") and of each task variant in `eval.curve_tasks` (name -> option
+    overrides, e.g. validation=dict(seed=1): "held_out_validation_accuracy"), logged with the
+    step's metrics, so every stage's learning curve is on held-out problems."""
+    from bridge.evaluation import runner
+
+    ecfg = ctx.cfg.eval
+    if int(ecfg.get("every", 0)) <= 0:
+        return {}
+    variants = {"": {}, **{name: dict(options) for name, options in ecfg.get("curve_tasks", {}).items()}}
+    out = {}
+    for name, options in variants.items():
+        result = runner.evaluate(model, ctx.tokenizer, ctx.task_with(options), n=1, temperature=0.0, top_p=1.0,
+                                 top_k=0, max_new_tokens=int(ecfg.max_new_tokens),
+                                 limit=int(ecfg.get("curve_prompts", ecfg.num_prompts)),
+                                 batch_size=int(ecfg.batch_size), eos_ids=ctx.eos_ids, mesh=ctx.mesh,
+                                 rules=ctx.rules, progress=False, seed=int(ctx.cfg.seed))
+        out[f"held_out_{name}_accuracy" if name else "held_out_accuracy"] = result["metrics"]["avg@1"]
+    return out
 
 
 def _stage_kl_reference(ctx: Context, unit: Unit, scfg) -> str:

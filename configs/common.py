@@ -36,8 +36,11 @@ def base() -> ml_collections.ConfigDict:
     c.pipeline = cd(name="stages", stages=(), blocks=ml_collections.ConfigDict())
     c.stages = ml_collections.ConfigDict()
     # kl_reference: a model reference (e.g. "stage:student_sft", the base) to report the KL to
+    # every: each stage's held-out learning curve, greedy accuracy on `curve_prompts` test
+    # problems every `every` steps (0 = off), also on each task variant of `curve_tasks`
+    # (name -> option overrides); see runtime.held_out_curve
     c.eval = cd(num_prompts=256, batch_size=256, max_new_tokens=16, n=1, temperature=0.0, top_p=1.0, top_k=0,
-                kl_reference="")
+                kl_reference="", every=0, curve_prompts=256, curve_tasks=ml_collections.ConfigDict())
     c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
     c.metrics = cd(tensorboard=True, wandb_project="", progress=True, plots=True)
     return c

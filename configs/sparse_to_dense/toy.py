@@ -10,6 +10,10 @@ arg: comma-separated variants.
   RL:     grpo (default) | dapo | drgrpo | gspo | sapo | cispo | rloo | grpo_kl
   OPD:    opd (default: sampled reverse KL, whitened) | exopd | opd_rkl | opd_jsd | opd_topk |
           distil | opd_tip
+The paper's table, every row for 3 seeds (`reproduction`):
+
+    python -m launch.reproduce --config=configs/sparse_to_dense/toy.py
+
 Settings follow the measured starting point in shared/DESIGN.md ("toy scale"), except: SFT
 pretraining draws fresh problems (the 512 RL prompts alone are memorized, 0% on test), the
 student has 2 layers (1 layer never learned the task here), and OPD advantages are whitened.
@@ -112,3 +116,35 @@ def get_config(arg=None):
         c.metrics.update(progress=False, tensorboard=False)
     c.lock()
     return c
+
+
+def reproduction(arg=None) -> dict:
+    """`launch.reproduce`'s table (bridge/reproduce/__init__.py): the bridge paper's rows, each
+    the model after one unit of a variant's pipeline, so the bridge's run also gives the student
+    base, the no-OPD ablation (its warmup) and the bridge + student RL; direct GRPO tuned over
+    three learning rates and a budget curve to 500 steps (more student updates than the bridge's
+    400), selected on a validation split. Evaluated greedy
+    and at the paper configs' sampling (T 0.7, top-p 0.8, top-k 20, 16 samples) on the test
+    split, on additions with 3+ carries (hard) and on 5 digits (longer than any training)."""
+    smoke = "smoke" in common.parse_arg(arg, VARIANTS)
+    budgets = (1, 2, 3) if smoke else (100, 200, 300, 500)
+    return dict(
+        seeds=(0, 1, 2),
+        rows=dict(
+            student_base=dict(label="student base (SFT)", variant="bridge", unit="student_sft"),
+            direct_grpo=dict(label="direct GRPO, tuned", variant="direct_grpo", unit="student_rl",
+                             sweep=("stages.student_rl.optimizer.lr", (1e-4, 3e-4, 1e-3)), budgets=budgets),
+            raw_teacher=dict(label="raw-teacher transfer (warmup + OPD)", variant="raw_teacher", unit="opd"),
+            bridge=dict(label="bridge (RL teacher, warmup, OPD)", variant="bridge", unit="opd"),
+            no_warmup=dict(label="bridge without warmup", variant="no_warmup", unit="opd"),
+            no_opd=dict(label="bridge without OPD (warmup only)", variant="bridge", unit="warmup"),
+            student_rl=dict(label="bridge + student GRPO", variant="bridge", unit="student_rl"),
+        ),
+        evals=dict(test={}, hard=dict(min_carries=3), digits5=dict(digits=5)),
+        sampling=dict(n=16, temperature=0.7, top_p=0.8, top_k=20),
+        prompts=500,
+        validation=dict(seed=1),  # the selection split: another draw's test problems
+        curve_every=1 if smoke else 50,
+        kl_reference="student_sft",
+        skills=("teacher_sft", "teacher_rl", "student_sft"),
+    )
