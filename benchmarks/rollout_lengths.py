@@ -30,6 +30,8 @@ SHAPES = {
     "small": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=32),
     "toy": common.QWEN3_TOY,
+    "medium": dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_layers=8, num_heads=8,
+                   num_kv_heads=8, head_dim=128),
 }
 EOS = 1
 
@@ -71,16 +73,21 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--precision", default="", help="jax_default_matmul_precision (e.g. highest: no TF32 on GPUs)")
     parser.add_argument("--name", default="rollout_lengths")
     args = parser.parse_args()
     load0 = os.getloadavg()[0]
 
     import jax
     import numpy as np
+
+    if args.precision:
+        jax.config.update("jax_default_matmul_precision", args.precision)
     from flax import nnx
 
     from bridge import sampling
     from bridge.models import Decoder
+    from bridge.sampling import sampler as sampler_lib
 
     cfg = common.model_config(SHAPES[args.shape], dtype=args.dtype)
     model = Decoder(cfg, rngs=nnx.Rngs(0))
@@ -92,13 +99,19 @@ def main() -> None:
     processor = forced_eos(lengths)
     kw = dict(max_new_tokens=args.max_new, temperature=1.0, eos_ids=(EOS,), n=args.n, seed=0)
 
+    stats = {}
+
     def run(refill: int):
         def side():
             start = time.perf_counter()
             out = sampling.generate(model, prompts, refill=refill, refill_chunk=args.chunk, processor=processor,
                                     **kw)
             host = jax.device_get((out.tokens, out.mask, out.finish_reason, out.lengths))
-            return time.perf_counter() - start, host
+            wall = time.perf_counter() - start
+            if refill:
+                stats[refill] = next(v.last_stats for k, v in sampler_lib._SAMPLERS.items()
+                                     if k[0] == "refill" and k[5] == min(refill, rows) and hasattr(v, "last_stats"))
+            return wall, host
         return side
 
     slots = [int(s) for s in args.slots.split(",") if s]
@@ -111,16 +124,26 @@ def main() -> None:
     assert np.array_equal(want[3], np.minimum(lengths, args.max_new)), "the processor did not force the lengths"
     useful = int(want[3].sum())
     static_best = min(t for t, _ in results["static"])
-    lines = ["| sampler | slots | best wall s | useful tokens/s | vs static | same outputs | first call s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | slots | best wall s | useful tokens/s | vs static | same outputs | equal tokens | first call s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         best = min(t for t, _ in res)
         same = all(all(np.array_equal(a, b) for a, b in zip(host, want)) for _, host in res)
+        # fraction of the useful (masked) tokens equal to the static side's, worst round
+        equal = min(float(np.sum((host[0] == want[0]) & want[1])) / useful for _, host in res)
         width = rows if name == "static" else name.split()[1]
         lines.append(f"| {name.split()[0]} | {width} | {best:.3f} | {useful / best:,.0f} | "
-                     f"{static_best / best:.2f}x | {same} | {compile_s[name]:.1f} |")
+                     f"{static_best / best:.2f}x | {same} | {equal:.2%} | {compile_s[name]:.1f} |")
         print(f"{name}: best {best:.3f} s, {useful / best:,.0f} useful tokens/s, ratio {static_best / best:.2f}x, "
-              f"same outputs {same}")
+              f"same outputs {same}, equal tokens {equal:.2%}")
+    lines += ["", f"Static decode steps: {int(want[3].max())} (the longest row) x {rows} rows = "
+              f"{int(want[3].max()) * rows:,} row-steps for {useful:,} useful tokens."]
+    for s in slots:
+        st = stats[s]
+        lines.append(f"Refill {s} slots: {st['steps']} decode steps x {s} slots = {st['steps'] * s:,} row-steps; "
+                     f"{st['rounds']} decode rounds, {st['refills']} refill prefills, {st['shifts']} cache shifts "
+                     f"(host round trips: one per round).")
+        print(lines[-1])
     q = np.percentile(lengths, [50, 90, 99])
     intro = [f"Useful (non-padding) tokens per second of slot refill (`generate(refill=slots)`) against the static "
              f"sampler (`generate`, all {rows} rows in one batch) on {args.prompts} prompts x {args.n} samples whose "
@@ -129,7 +152,8 @@ def main() -> None:
              f"p50/p90/p99/max {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}/{lengths.max()}, sum {useful}. Temperature 1, one "
              f"seed; refill rounds of at most {args.chunk} decode steps. Best of {args.rounds} alternating rounds "
              f"after a first (compiling) call per side.",
-             f"Model: {common.describe_model(cfg)}; {args.dtype}; prompts of {args.prompt_len // 2}-"
+             f"Model: {common.describe_model(cfg)}; {args.dtype}, matmul precision "
+             f"{args.precision or 'default'}; prompts of {args.prompt_len // 2}-"
              f"{args.prompt_len} tokens."]
     common.write_report(args.name, "Slot refill vs static sampler, heavy-tailed lengths", intro, lines,
                         common.jax_versions(), common.load_note(load0))

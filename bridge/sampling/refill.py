@@ -222,6 +222,7 @@ class RefillSampler:
             begin = np.zeros((b,), np.int64)  # cache slot of each slot's prompt start
             finished = np.ones((b,), bool)
             queue = 0
+            stats = dict(rounds=0, steps=0, refills=0, shifts=0)
             while True:
                 free = np.flatnonzero(finished)
                 take = min(len(free), num_rows - queue)
@@ -239,10 +240,12 @@ class RefillSampler:
                     begin[free[:take]] = g - p
                     finished[free[:take]] = False  # (a row may stop at its first token: the round sees it)
                     queue += take
+                    stats["refills"] += 1
                 if g + chunk > length:  # shift by the oldest running row's start (> 0 here)
                     low = int(begin[~finished].min())
                     state = self._shift(state, jnp.asarray(low, jnp.int32))
                     g -= low
+                    stats["shifts"] += 1
                     begin -= low
                 waiting = num_rows - queue
                 need = min(self.min_refill, waiting) if waiting else b + 1
@@ -250,6 +253,9 @@ class RefillSampler:
                 steps, fin = jax.device_get((steps, fin))
                 finished = np.array(fin)
                 g += int(steps)
+                stats["rounds"] += 1
+                stats["steps"] += int(steps)
                 if queue == num_rows and finished.all():
                     break
+            self.last_stats = stats  # host loop counts of the last call (benchmarks read them)
             return self._finish(state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), jnp.asarray(row_stops))
