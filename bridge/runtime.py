@@ -698,9 +698,11 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
             ctx.writer.write(unit.id, total, {f"eval_{k}": v for k, v in stage_results.items()}, replace=True)
         stage_results["eval"] = {**ctx.cfg.eval.to_dict(), "kl_reference": kl_reference}
     stage_results.update(_unit_totals(ctx, unit))
-    # steps: where the stage ended (its stopping rule may end it early); wall_time_s: this
+    # steps: where the stage ended (its stopping rule may end it early); optimizer_updates: the
+    # train state's update counter (empty batches are not updates); wall_time_s: this
     # process's time on the unit (build, compile, steps, evaluation), for the summary table
-    stage_results.update(steps=total, wall_time_s=round(time.perf_counter() - started, 2))
+    stage_results.update(steps=total, optimizer_updates=int(state.step),
+                         wall_time_s=round(time.perf_counter() - started, 2))
     if export:
         models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
         with open(os.path.join(out_dir, "results.json"), "w") as f:

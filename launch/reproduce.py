@@ -7,7 +7,8 @@ once per seed, each row evaluated the same way, mean ± std over seeds.
 Resumable: the same command continues where it stopped (runs in <workdir>/seed<k>/<run>/, as
 `launch.train` writes them; evaluations cached in <workdir>/evals/). Writes <outdir>/table.md,
 results.json and plots/, prints the table, and with --readme replaces the README's
-<!-- reproduce:<family> --> section with it. The rows, seeds and evaluation are the config
+<!-- reproduce:<family> --> section with it (--report_only: from the committed results.json, no
+runs). The rows, seeds and evaluation are the config
 module's `reproduction(variant)` (see bridge/reproduce/__init__.py).
 """
 
@@ -26,6 +27,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Runs and evaluation cache (defa
 _OUTDIR = flags.DEFINE_string("outdir", None, "Table, JSON and plots (default results/<family>).")
 _README = flags.DEFINE_string("readme", None, "A README whose <!-- reproduce:<family> --> section gets the table.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "A progress bar per stage.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite the table, plots (and --readme) from "
+                                 "<outdir>/results.json without running or evaluating anything.")
 
 
 def load_module(path: str):
@@ -50,10 +53,12 @@ def main(argv):
         from bridge import reproduce
         from bridge.reproduce import report
 
-        module = load_module(path)
-        table = reproduce.reproduce(module, [p for p in variant.split(",") if p], family, seeds=_SEEDS.value,
-                                    row_names=_ROWS.value, workdir=workdir, outdir=outdir,
-                                    progress=_PROGRESS.value)
+        if _REPORT_ONLY.value:
+            table = report.write(report.load(outdir), outdir)
+        else:
+            table = reproduce.reproduce(load_module(path), [p for p in variant.split(",") if p], family,
+                                        seeds=_SEEDS.value, row_names=_ROWS.value, workdir=workdir, outdir=outdir,
+                                        progress=_PROGRESS.value)
         if _README.value:
             with open(_README.value) as f:
                 text = f.read()

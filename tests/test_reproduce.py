@@ -136,3 +136,34 @@ def test_a_family_without_a_reproduction_or_an_unknown_row_is_refused(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "has no reproduction()" in proc.stderr and "self_distill" in proc.stderr
 
+
+
+@pytest.mark.parametrize("module", ["configs.sparse_to_dense.toy", "configs.erpd.toy", "configs.self_distill.toy"])
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_every_family_reproduction_resolves_its_rows(module, arg):
+    """Each row names a unit of its variant's pipeline; tuned rows' budgets are on the curve."""
+    from bridge import reproduce
+
+    module = __import__(module, fromlist=["reproduction"])
+    spec = module.reproduction(arg)
+    rows = plan.rows_of(spec)
+    runs, run_of = reproduce.plan_runs(module, [arg] if arg else [], rows)
+    assert {name for name, _ in run_of} == set(spec["rows"])
+    for run in runs.values():
+        cfg = reproduce.run_config(module, [arg] if arg else [], spec, run, 0, False)
+        assert run.last_unit in plan.unit_keys(cfg)
+    for row in rows:
+        assert all(b % spec["curve_every"] == 0 for b in row.budgets)
+
+
+def test_stage_kinds_count_their_sampled_completions():
+    from bridge import stages
+
+    c = toy.get_config()
+    counts = {name: stages.kind(c.stages[name].kind).rollouts(c, c.stages[name], 10) for name in c.pipeline.stages}
+    # rl / opd: 10 steps x 32 prompts x 8; warmup: its pool, 8 teacher samples of each of the 512 train prompts
+    assert counts == {"teacher_sft": 0, "teacher_rl": 2560, "student_sft": 0, "warmup": 4096, "opd": 2560,
+                      "student_rl": 2560}
+    e = __import__("configs.erpd.toy", fromlist=["get_config"]).get_config()
+    assert stages.kind("erpd_teacher").rollouts(e, e.stages.erpd_teacher, 48) == 256 * 8  # one fixed batch
+    assert stages.kind("erpd_distill").rollouts(e, e.stages.erpd_distill, 8) == 0

@@ -38,14 +38,15 @@ TEST_CURVE, VALIDATION_CURVE = "held_out_accuracy", "held_out_validation_accurac
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One pipeline run per seed: `variant`'s config, its `sweep` key set to `value`, with
-    snapshots of `budget_stage` at `budgets`, run up to `last_stage`."""
+    snapshots of unit `budget_unit` at `budgets`, run up to unit `last_unit` (a unit inside a
+    repeated block runs with its whole block)."""
 
     name: str
     variant: str
-    last_stage: str
+    last_unit: str
     sweep_key: str = ""
     value: object = None
-    budget_stage: str = ""
+    budget_unit: str = ""
     budgets: tuple = ()
 
 
@@ -60,19 +61,28 @@ def plan_runs(module, base_parts, rows) -> tuple[dict[str, Run], dict[tuple, str
     without a sweep share its run, which goes as far as the furthest unit they report."""
     runs, of_row = {}, {}
     for row in rows:
-        stages = module.get_config(",".join([*base_parts, row.variant])).pipeline.stages
-        if row.unit not in stages:
-            raise ValueError(f"Row {row.name!r}: unit {row.unit!r} is not a stage of variant {row.variant!r}'s "
-                             f"pipeline {tuple(stages)}.")
+        units = [u.id for u, _, _ in runtime.pipeline_units(module.get_config(",".join([*base_parts, row.variant])))]
+        if row.unit not in units:
+            raise ValueError(f"Row {row.name!r}: unit {row.unit!r} is not a unit of variant {row.variant!r}'s "
+                             f"pipeline {tuple(units)}.")
         for value in row.sweep[1] if row.sweep else (None,):
             name = _run_name(row, value)
             last = row.unit
-            if name in runs and list(stages).index(runs[name].last_stage) > list(stages).index(last):
-                last = runs[name].last_stage
+            if name in runs and units.index(runs[name].last_unit) > units.index(last):
+                last = runs[name].last_unit
             runs[name] = Run(name, row.variant, last, row.sweep[0] if row.sweep else "", value,
                              row.unit if row.budgets else "", tuple(row.budgets))
             of_row[row.name, value] = name
     return runs, of_row
+
+
+def _up_to(cfg, unit_id: str) -> tuple:
+    """The pipeline's entries up to the one that runs `unit_id` (its stage, or its block)."""
+    stage, entries = unit_id.split("@")[0], list(cfg.pipeline.stages)
+    for i, entry in enumerate(entries):
+        if entry == stage or (entry.startswith("block:") and stage in cfg.pipeline.blocks[entry[6:]].stages):
+            return tuple(entries[: i + 1])
+    raise ValueError(f"Unit {unit_id!r} is not in the pipeline {tuple(entries)}.")
 
 
 def run_config(module, base_parts, spec: dict, run: Run, seed: int, progress: bool):
@@ -89,11 +99,10 @@ def run_config(module, base_parts, spec: dict, run: Run, seed: int, progress: bo
             node = node[part]
         node[last] = type(node[last])(run.value)
     if run.budgets:
-        stage = cfg.stages[run.budget_stage]
+        stage = cfg.stages[run.budget_unit.split("@")[0]]
         stage.steps = max(run.budgets)
         stage.export_steps = tuple(b for b in run.budgets if b < max(run.budgets))
-    stages = list(cfg.pipeline.stages)
-    cfg.pipeline.stages = tuple(stages[: stages.index(run.last_stage) + 1])
+    cfg.pipeline.stages = _up_to(cfg, run.last_unit)
     cfg.metrics.update(progress=progress, tensorboard=False, plots=False)
     cfg.lock()
     return cfg
@@ -224,22 +233,21 @@ def _stage_results(run_dir: str, unit_id: str) -> dict:
 
 
 def budget_of(cfg, run_dir: str, last_unit: str, budget=None) -> dict:
-    """Sampled completions and optimizer updates of `last_unit` and every unit it depends on
-    (`plan.unit_graph`: the teacher's stages for a distilled student, not for direct GRPO), from
-    the configs and the steps each stage ran (`budget` for `last_unit` when given)."""
+    """Sampled completions (`StageKind.rollouts`) and optimizer updates (each unit's measured
+    `optimizer_updates`; a snapshot's share of them) of `last_unit` and every unit it depends on
+    (`plan.unit_graph`: the teacher's stages for a distilled student, not for direct GRPO), for
+    the steps each stage ran (`budget` for `last_unit` when given)."""
+    from bridge import stages
+
     needed = plan.unit_graph(cfg)[last_unit][1] | {last_unit}
     rollouts = updates = 0
     for unit, scfg, _ in runtime.pipeline_units(cfg):
         if unit.id not in needed:
             continue
-        steps = budget if unit.id == last_unit and budget else int(_stage_results(run_dir, unit.id)["steps"])
-        per_step = int(scfg.get("minibatches", 1)) * int(scfg.get("epochs", 1))
-        updates += steps * (1 if scfg.kind == "sft" else per_step)
-        if "prompts_per_step" in scfg:
-            rollouts += steps * int(scfg.prompts_per_step) * int(scfg.sampling.n)
-        elif scfg.get("source") == "teacher":  # the sampled pool's rows (bridge/stages/sft.py)
-            with np.load(os.path.join(run_dir, "stages", unit.id, "pool.npz")) as pool:
-                rollouts += len(pool["tokens"])
+        results = _stage_results(run_dir, unit.id)
+        steps = budget if unit.id == last_unit and budget else int(results["steps"])
+        updates += round(int(results["optimizer_updates"]) * steps / max(int(results["steps"]), 1))
+        rollouts += stages.kind(scfg.kind).rollouts(cfg, scfg, steps)
     return {"rollouts": rollouts, "updates": updates}
 
 
@@ -301,7 +309,7 @@ def reproduce(module, base_parts, family: str, *, seeds=None, row_names=None, wo
         if row.sweep or row.budgets:
             selected[row.name], sweeps[row.name] = select(row, run_of, seeds, workdir)
     evaluations = evaluate(spec, rows, selected, run_of, runs, configs, seeds, workdir)
-    results = {"family": family, "config": f"{module.__file__}", "variant": ",".join(base_parts), "seeds": list(seeds),
+    results = {"family": family, "config": os.path.relpath(module.__file__), "variant": ",".join(base_parts), "seeds": list(seeds),
                "spec": json.loads(json.dumps(spec, default=str)),
                "rows": [dataclasses.asdict(r) for r in rows],
                "selected": {k: {"value": v[0], "budget": v[1]} for k, v in selected.items()}, "sweeps": sweeps,

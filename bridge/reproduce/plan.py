@@ -77,6 +77,7 @@ def unit_graph(cfg) -> dict[str, tuple[str, frozenset]]:
     last, graph = {}, {}  # slot -> id of the unit that last trained it; id -> (key, deps)
     for unit, scfg, export in runtime.pipeline_units(cfg):
         stage_config = json.loads(scfg.to_json_best_effort(sort_keys=True))
+        stage_config.pop("per_iteration", None)  # resolved into this iteration's values (runtime.for_iteration)
         deps, parents = set(), {last[scfg.model]} if scfg.model in last else set()
         named = {*stages.kind(scfg.kind).models(scfg).values(), *_strings(stage_config.get("sampling", {}).get("proxy", {}))}
         for ref in [*_strings(stage_config), str(cfg.eval.get("kl_reference", "")), *named]:

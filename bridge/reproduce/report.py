@@ -163,6 +163,14 @@ def plot(results: dict, outdir: str) -> list[str]:
     return paths
 
 
+def load(outdir: str) -> dict:
+    path = os.path.join(outdir, "results.json")
+    if not os.path.exists(path):
+        raise ValueError(f"No {path}: run launch.reproduce without --report_only first.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def write(results: dict, outdir: str) -> str:
     os.makedirs(outdir, exist_ok=True)
     table = markdown(results)

@@ -20,6 +20,8 @@ importable declaration as `kind="package.module:NAME"`.
                                 #   holds (default: the policy; a policy with a critic for PPO);
                                 #   load(ref) gives any other model the module is built from
         policy_of=...,          # optional: trained module -> the policy the stage exports
+        rollouts=...,           # optional: (cfg, scfg, steps) -> completions sampled in `steps`
+                                #   steps (default: steps x prompts_per_step x n when it samples)
     )
 
 A variant of an existing kind is `dataclasses.replace(rl.KIND, make_loss=...)`.
@@ -58,6 +60,17 @@ class StageKind:
     scored_roles: Callable
     trained: Callable = lambda scfg, policy, load: policy
     policy_of: Callable = lambda module: module
+    rollouts: Callable = None
+
+    def __post_init__(self):
+        if self.rollouts is None:
+            object.__setattr__(self, "rollouts", self._rollouts_per_step)
+
+    def _rollouts_per_step(self, cfg, scfg, steps: int) -> int:
+        """A stage that samples `prompts_per_step` prompts x n every step (DAPO's and GHPO's
+        extra samples not counted)."""
+        plan = self.sampling(scfg)
+        return 0 if plan is None else int(steps) * int(scfg.prompts_per_step) * int(plan.n)
 
     def build(self, ctx, unit, scfg):
         """The stage's program (`runtime.StageProgram`) for one unit of the pipeline."""

@@ -219,6 +219,7 @@ TEACHER = StageKind(
     frozen_roles=lambda scfg: (),
     update_rows=common.rollout_update_rows,
     sampling=common.rollout_sampling,
+    rollouts=lambda cfg, scfg, steps: int(scfg.prompts_per_step) * int(scfg.sampling.n),  # one fixed batch
     scored_roles=lambda scfg: ("policy",),
     trained=critic.trained_module(uses_critic),
     policy_of=value.policy_of,

@@ -260,6 +260,14 @@ def _sampling(scfg):
     return Sampling("teacher", int(scfg.sample_batch_size), int(scfg.sampling.n), scfg.sampling)
 
 
+def _rollouts(cfg, scfg, steps: int) -> int:
+    """The teacher's pool: n samples for each of `pool_prompts` prompts (0: the whole train split)."""
+    if scfg.source != "teacher":
+        return 0
+    options = {**cfg.task.options.to_dict(), **(scfg.task_options.to_dict() if scfg.get("task_options") else {})}
+    return int(scfg.sampling.n) * int(scfg.pool_prompts or options.get("num_train", 0))
+
+
 KIND = StageKind(
     loop=loop,
     make_loss=lambda scfg, frozen_graphdefs: make_loss_fn(scfg, frozen_graphdefs[0] if frozen_graphdefs else None),
@@ -269,5 +277,6 @@ KIND = StageKind(
     frozen_roles=lambda scfg: ("teacher",) if scfg.loss != "cross_entropy" else (),
     update_rows=lambda scfg: int(scfg.batch_size),
     sampling=_sampling,
+    rollouts=_rollouts,
     scored_roles=lambda scfg: (),
 )

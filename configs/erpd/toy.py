@@ -97,3 +97,25 @@ def get_config(arg=None):
             c.stages.student_rl.sampling.n = 4
     c.lock()
     return c
+
+
+def reproduction(arg=None) -> dict:
+    """`launch.reproduce`'s tables (bridge/reproduce/__init__.py): Table 1, the teacher after
+    its updates on the fixed batch and the student distilled from it, per teacher loss (MSE
+    with strategy s2, as the paper pairs them); Table 2, the student after rounds 3 and 6 of the
+    iterative schedule against the teacher chain without distillation. Evaluated at the
+    paper's T = 0.6 (avg@16) and greedy, on the test split and on additions with 3+ carries."""
+    common.parse_arg(arg, VARIANTS)
+    rows = {"base": dict(label="base (student SFT)", variant="ce", unit="student_sft")}
+    for loss, variant in (("grpo", "grpo"), ("ppo", "ppo"), ("sapo", "sapo"), ("ce", "ce"), ("mse", "mse,s2")):
+        rows[f"{loss}_teacher"] = dict(label=f"{loss.upper()} teacher", variant=variant, unit="erpd_teacher@1")
+        rows[f"{loss}_student"] = dict(label=f"ERPD student from the {loss.upper()} teacher", variant=variant,
+                                       unit="erpd_distill@1")
+    for k in (3, ROUNDS):
+        rows[f"iterative_{k}"] = dict(label=f"iterative ERPD, student after round {k}", variant="iterative",
+                                      unit=f"erpd_distill@{k}")
+    rows[f"no_distill_{ROUNDS}"] = dict(label=f"teacher chain without distillation, round {ROUNDS}",
+                                        variant="no_distill", unit=f"erpd_teacher@{ROUNDS}")
+    return dict(seeds=(0, 1, 2), rows=rows, evals=dict(test={}, hard=dict(min_carries=3)),
+                sampling=dict(n=16, temperature=0.6, top_p=1.0, top_k=0), prompts=500,
+                validation=dict(seed=1), curve_every=8, kl_reference="student_sft", skills=("student_sft",))

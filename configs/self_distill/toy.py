@@ -94,3 +94,20 @@ def get_config(arg=None):
         train.sampling.n = 4
     c.lock()
     return c
+
+
+def reproduction(arg=None) -> dict:
+    """`launch.reproduce`'s table (bridge/reproduce/__init__.py): the hard split's rows from one
+    shared base per seed (the context-reading SFT student): GRPO, GRPO + guidance (GHPO), OPSD,
+    SDPO, hints, critiques, SRPO. Evaluated greedy and avg@16 at T = 1 on the 5-digit test split
+    and on the 4-digit task the base was trained on."""
+    common.parse_arg(arg, VARIANTS)
+    rows = {"base": dict(label="base (SFT, reads contexts)", variant="opsd", unit="student_sft")}
+    for method, label in (("grpo", "GRPO"), ("ghpo", "GRPO + guidance (GHPO)"), ("opsd", "OPSD"),
+                          ("sdpo", "SDPO"), ("hint", "hindsight hints"), ("critique", "step critiques"),
+                          ("srpo", "SRPO")):
+        rows[method] = dict(label=label, variant=method,
+                            unit="student_rl" if method in ("grpo", "ghpo") else "self_distill")
+    return dict(seeds=(0, 1, 2), rows=rows, evals=dict(test={}, four_digits=dict(digits=4)),
+                sampling=dict(n=16, temperature=1.0, top_p=1.0, top_k=0), prompts=500,
+                validation=dict(seed=1), curve_every=10, kl_reference="student_sft", skills=("student_sft",))
