@@ -21,9 +21,10 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from bridge.models.config import ModelConfig
 from bridge.models.decoder import Decoder
@@ -201,14 +202,14 @@ def save_hf(model: Decoder, out_dir: str, *, tokenizer=None, max_shard_bytes: in
         gen["eos_token_id"] = list(gen["eos_token_id"])
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2)
-    shards: list[dict[str, jax.Array]] = [{}]
+    shards: list[dict[str, np.ndarray]] = [{}]  # host arrays: an export runs no device program
     size = total = 0
     for p, var in iter_params(model):
         names, transpose, stacked = hf_tensors(p, cfg)
-        value = jnp.asarray(jax.device_get(var[...]))
+        value = np.asarray(jax.device_get(var[...]))
         for i, name in enumerate(names):
             tensor = value[i] if stacked else value
-            tensor = tensor.T if transpose else tensor
+            tensor = np.ascontiguousarray(tensor.T if transpose else tensor)
             nbytes = tensor.size * tensor.dtype.itemsize
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})

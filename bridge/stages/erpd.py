@@ -13,7 +13,7 @@ batch alone, with `teacher_loss`:
             the critic scores the update's rows, GAE gives per-token advantages, and the loss
             is the clipped surrogate (clip_low, clip_high) plus the clipped value loss
 with `aggregation` "sum" or "mean" over tokens for z, and an optional KL loss to pi_old
-(k3, `kl_coef`). Every `track_every` updates it scores the whole batch: k3 KL(pi_old || pi),
+(k3, `kl_coef`). After its first update and every `track_every` updates it scores the whole batch: k3 KL(pi_old || pi),
 token entropy, the mean log-probability of correct and of wrong samples (the
 unlearn-and-recover dynamics) and, for "mse", the explained variance of the fit. After the
 updates listed in `snapshot_steps` it publishes the model as artifact "step<k>" (strategy 2's
@@ -195,7 +195,7 @@ def teacher_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
             minibatch.update(advantages=adv, old_values=old_values, returns=returns)
         state, metrics = trainer.update(state, minibatch, None)
         metrics = dict(metrics, epoch=float(i * bs // rows), **critic_metrics)
-        if (i + 1) % int(scfg.track_every) == 0 or i + 1 == int(scfg.steps):
+        if _tracked(scfg, i):
             whole = runtime.place_batch(ctx, {k: batch[k] for k in common.Rollout.TOKEN_KEYS})
             logp, entropy = score(state.params, whole)
             metrics.update(batch_statistics(logp, entropy, batch, batch["old_logp"]))
@@ -208,6 +208,12 @@ def teacher_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
         return state, metrics
 
     return runtime.StageProgram(trainer.graphdef, trainer.state, step, None)
+
+
+def _tracked(scfg, i: int) -> bool:
+    """Whether update i (0-based) scores the whole batch: the first (so its programs compile in
+    the stage's first step), every `track_every`-th and the last."""
+    return i == 0 or (i + 1) % int(scfg.track_every) == 0 or i + 1 == int(scfg.steps)
 
 
 TEACHER = StageKind(
@@ -324,7 +330,7 @@ def distill_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
                                                        scfg.strategies, scfg.weights)
         state, metrics = trainer.update(state, minibatch, None)
         metrics = dict(metrics)
-        if (i + 1) % int(scfg.track_every) == 0 or i + 1 == int(scfg.steps):
+        if _tracked(scfg, i):
             logp = np.asarray(score(state.params, placed), np.float64)
             m = np.asarray(batch["mask"], np.float64)
             gain = (np.asarray(batch["advantages"]) * (logp - batch["old_logp"]) * m).sum() / m.sum()
