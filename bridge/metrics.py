@@ -27,15 +27,17 @@ def to_floats(metrics: dict) -> dict:
 
 class MetricsWriter:
     def __init__(self, workdir: str, *, tensorboard: bool = True, wandb_project: str | None = None,
-                 run_name: str | None = None):
+                 run_name: str | None = None, active: bool = True):
+        """`active=False` (the processes other than 0 of a multi-host run): writes nothing."""
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.active = active
         self.tb = None
-        if tensorboard:
+        if tensorboard and active:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self.wandb = None
-        if wandb_project:
+        if wandb_project and active:
             import wandb  # optional dependency, only when configured
 
             self.wandb = wandb.init(project=wandb_project, name=run_name, dir=workdir, resume="allow")
@@ -43,7 +45,7 @@ class MetricsWriter:
     def _drop(self, dropped) -> None:
         """Rewrites the file without the records for which `dropped(record)` is true, and without
         a line cut short by a kill mid-write."""
-        if not os.path.exists(self.path):
+        if not self.active or not os.path.exists(self.path):
             return
         keep = []
         with open(self.path) as f:
@@ -65,6 +67,8 @@ class MetricsWriter:
         """Appends one record; with `replace`, first drops an earlier record of the same stage,
         step and kind (evaluation or step), e.g. the evaluation of a unit killed while exporting."""
         record = {"stage": stage, "step": int(step), **to_floats(metrics)}
+        if not self.active:
+            return
         if replace:
             self._drop(lambda r: r["stage"] == stage and r["step"] == record["step"]
                        and _is_eval(r) == _is_eval(record))

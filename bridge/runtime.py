@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
-from bridge import checkpoint, metrics as metrics_lib, models, sharding
+from bridge import checkpoint, distributed, metrics as metrics_lib, models, sharding
 from bridge.mesh import make_mesh
 
 DONE = "STAGE_DONE"
@@ -84,6 +84,13 @@ def workdir_lock(workdir: str, allow_changed=()):
     key = os.path.abspath(workdir)
     if key in _HELD:
         yield
+        return
+    if not distributed.is_main():  # in a multi-process run, process 0 holds the lock for all
+        _HELD[key] = tuple(allow_changed)
+        try:
+            yield
+        finally:
+            del _HELD[key]
         return
     created = not os.path.exists(workdir)
     try:
@@ -244,8 +251,11 @@ class Context:
         """The unit's shuffled, checkpointable stream of training prompt batches."""
         from bridge import data
 
+        # every process reads the whole global batch: sampling is SPMD over the global mesh
+        # (bridge.distributed), so all processes hold the same rollouts
         return data.make_prompt_iterator(self.task, self.tokenizer, "train", batch_size,
-                                         seed=self.seed(unit, 0, "prompts"), pad_id=self.pad_id)
+                                         seed=self.seed(unit, 0, "prompts"), pad_id=self.pad_id,
+                                         process_index=0, process_count=1)
 
     def load(self, path: str):
         dtype = self.cfg.get("dtype", "float32")
@@ -287,19 +297,26 @@ class Context:
         """Saves a named output of `unit` for later stages: a model (a Hugging Face folder) or
         a dict tree of arrays (.npz); atomic, so a kill never leaves half an artifact."""
         path = os.path.join(self.workdir, "artifacts", unit.id, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         if isinstance(value, nnx.Module):
-            tmp = path + ".tmp"
-            models.save_hf(value, tmp, tokenizer=self.tokenizer)
-            if os.path.exists(path):
-                import shutil
+            value = distributed.local_model(value)  # every process gathers; process 0 writes
+            if distributed.is_main():
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = path + ".tmp"
+                models.save_hf(value, tmp, tokenizer=self.tokenizer)
+                if os.path.exists(path):
+                    import shutil
 
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+            distributed.barrier(f"publish {unit.id}/{name}")
             return
-        flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(value)).items()}
-        np.savez(path + ".tmp.npz", **flat)
-        os.replace(path + ".tmp.npz", path + ".npz")
+        flat = {"/".join(k): np.asarray(v)
+                for k, v in distributed.to_host(traverse_util.flatten_dict(dict(value))).items()}
+        if distributed.is_main():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.savez(path + ".tmp.npz", **flat)
+            os.replace(path + ".tmp.npz", path + ".npz")
+        distributed.barrier(f"publish {unit.id}/{name}")
 
     def artifact(self, ref: str) -> dict:
         """The array tree published as "artifact:<stage>/<name>"."""
@@ -325,7 +342,7 @@ class Context:
                 models.check_same_vocabulary(self.tokenizer, models.load_tokenizer(mcfg.hf_dir), what=slot)
             return self.load(mcfg.hf_dir)
         path = os.path.join(self.workdir, "models", f"init_{slot}")
-        if not os.path.exists(os.path.join(path, DONE)):
+        if distributed.is_main() and not os.path.exists(os.path.join(path, DONE)):
             arch = dict(mcfg.arch)
             arch.setdefault("vocab_size", len(self.tokenizer))
             arch.setdefault("eos_token_id", self.tokenizer.eos_token_id)
@@ -335,6 +352,7 @@ class Context:
             model = models.Decoder(cfg, rngs=nnx.Rngs(seed))
             models.save_hf(model, path, tokenizer=self.tokenizer)
             open(os.path.join(path, DONE), "w").close()
+        distributed.barrier(f"init {slot}")  # process 0 wrote it; every process loads it
         return self.load(path)
 
 
@@ -355,10 +373,12 @@ def make_context(cfg, workdir: str) -> Context:
     recorded (`_check_workdir_config`, with the changes allowed by the `workdir_lock` held)."""
     ctx = read_context(cfg, workdir)
     _check_inputs(ctx)
-    os.makedirs(workdir, exist_ok=True)
+    if distributed.is_main():
+        os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(cfg, workdir, _HELD.get(os.path.abspath(workdir), ()))
     ctx.writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard,
-                                           wandb_project=cfg.metrics.get("wandb_project") or None)
+                                           wandb_project=cfg.metrics.get("wandb_project") or None,
+                                           active=distributed.is_main())
     return ctx
 
 
@@ -496,10 +516,15 @@ def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> None:
             first = next((u.id for u, _, _ in pipeline_units(cfg) if u.id not in finished), None)
             entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_unit": first,
                      "changed": {k: [_get(saved, k), _get(current, k)] for k in changed}}
-            with open(os.path.join(workdir, HISTORY), "a") as f:
-                f.write(json.dumps(entry) + "\n")
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+            distributed.barrier("workdir config read")  # every process has read history.jsonl
+            if distributed.is_main():
+                with open(os.path.join(workdir, HISTORY), "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+    distributed.barrier("workdir config checked")  # every process has read config.json
+    if distributed.is_main():
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+    distributed.barrier("workdir config written")
 
 
 def _finished_units(workdir: str) -> dict[str, bool]:
@@ -656,7 +681,7 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     _write_cursor(ctx, unit.id, start)
     with sharding.use_mesh(ctx.mesh, ctx.rules):
         for step in tqdm(range(start, total), initial=start, total=total, desc=unit.id,
-                         disable=not ctx.cfg.metrics.progress, dynamic_ncols=True):
+                         disable=not ctx.cfg.metrics.progress or not distributed.is_main(), dynamic_ncols=True):
             t0 = time.perf_counter()
             state, step_metrics = program.step(state, step)
             step_metrics = metrics_lib.to_floats(step_metrics)
@@ -703,16 +728,19 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     # process's time on the unit (build, compile, steps, evaluation), for the summary table
     stage_results.update(steps=total, optimizer_updates=int(state.step),
                          wall_time_s=round(time.perf_counter() - started, 2))
-    if export:
-        models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(stage_results, f, indent=2)
-        open(os.path.join(out_dir, DONE), "w").close()
     ctx.results[unit.id] = stage_results
-    os.makedirs(os.path.dirname(done), exist_ok=True)
-    with open(done + ".tmp", "w") as f:
-        json.dump({"results": stage_results, "exported": export, "iteration": unit.iteration}, f)
-    os.replace(done + ".tmp", done)
+    exported = distributed.local_model(model) if export else None  # every process gathers
+    if distributed.is_main():  # process 0 writes the unit's files, the others wait for them
+        if export:
+            models.save_hf(exported, out_dir, tokenizer=ctx.tokenizer)
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(stage_results, f, indent=2)
+            open(os.path.join(out_dir, DONE), "w").close()
+        os.makedirs(os.path.dirname(done), exist_ok=True)
+        with open(done + ".tmp", "w") as f:
+            json.dump({"results": stage_results, "exported": export, "iteration": unit.iteration}, f)
+        os.replace(done + ".tmp", done)
+    distributed.barrier(f"done {unit.id}")
 
 
 def _held_out_due(ctx: Context, scfg, step: int, total: int, stop: bool) -> bool:
@@ -780,6 +808,8 @@ def memory_metrics() -> dict:
 
 
 def _write_cursor(ctx: Context, stage: str, step: int) -> None:
+    if not distributed.is_main():
+        return
     with open(os.path.join(ctx.workdir, "cursor.json"), "w") as f:
         json.dump({"stage": stage, "step": step}, f)
 
@@ -821,6 +851,11 @@ def decode_completions(tokenizer, tokens, mask, eos_ids) -> list[str]:
 
 
 def place_batch(ctx: Context, batch: dict) -> dict:
-    """Host arrays -> device arrays sharded over the batch axes of the mesh."""
+    """Host arrays -> device arrays sharded over the batch axes of the mesh. With several
+    processes every one holds the same global batch (`bridge.distributed`) and passes the rows
+    its devices hold to `jax.make_array_from_process_local_data`."""
+    if jax.process_count() > 1:
+        return {k: distributed.global_array(v, sharding.batch_sharding(ctx.mesh, np.ndim(v), ctx.rules, np.shape(v)))
+                for k, v in batch.items()}
     return {k: jax.device_put(jnp.asarray(v), sharding.batch_sharding(ctx.mesh, np.ndim(v), ctx.rules, np.shape(v)))
             for k, v in batch.items()}

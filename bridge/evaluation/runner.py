@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from bridge import sampling, scoring
+from bridge import distributed, sampling, scoring
 from bridge.evaluation.metrics import avg_at_k, maj_at_k, pass_at_k
 from bridge.models.tokenizer import eos_ids as tokenizer_eos_ids, pad_id as tokenizer_pad_id
 from bridge.tasks.math import normalize_answer
@@ -94,7 +94,7 @@ def completion_scores(model, out) -> tuple[np.ndarray, np.ndarray]:
     """(per-token logprobs, entropies) float32[R, N] of the sampled completions under `model`."""
     graphdef, state = nnx.split(model)
     logp, entropy = _scorer(graphdef)(state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
-    return np.asarray(logp), np.asarray(entropy)
+    return distributed.to_host((logp, entropy))
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,7 +121,7 @@ def completion_kl(model, reference_model, out, temperature: float) -> np.ndarray
     kl = _kl_scorer(graphdef, reference_graphdef, sampling.processors.scoring_temperature(temperature))(
         state, reference_state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask
     )
-    return np.asarray(kl)
+    return distributed.to_host(kl)
 
 
 def evaluate(
@@ -181,8 +181,7 @@ def evaluate(
         )
         _, entropy = completion_scores(model, out)
         kl = completion_kl(model, reference_model, out, temperature) if reference_model is not None else None
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        finish = np.asarray(out.finish_reason)
+        tokens, mask, finish = distributed.to_host((out.tokens, out.mask, out.finish_reason))  # all hosts
         for b, example in enumerate(chunk):
             row_correct, row_answers = [], []
             for j in range(n):

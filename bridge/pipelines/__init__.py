@@ -8,7 +8,7 @@
 import json
 import os
 
-from bridge import metrics as metrics_lib, runtime
+from bridge import distributed, metrics as metrics_lib, runtime
 from bridge.pipelines import erpd, sparse_to_dense
 
 SUMMARIES = {"stages": lambda cfg, workdir, results: {}, "sparse_to_dense": sparse_to_dense.summarize,
@@ -21,6 +21,8 @@ def run(cfg, workdir: str) -> dict:
         raise ValueError(f"Unknown pipeline {cfg.pipeline.name!r}; choose one of {sorted(SUMMARIES)}.")
     ctx = runtime.run_pipeline(cfg, workdir)
     summary = {"stages": ctx.results, "final": list(ctx.results.values())[-1] if ctx.results else {}}
+    if not distributed.is_main():  # process 0 of a multi-host run writes the summary and plots
+        return summary
     summary.update(SUMMARIES[cfg.pipeline.name](cfg, workdir, ctx.results))
     if cfg.metrics.plots:
         summary["plots"] = metrics_lib.plot_curves(workdir)

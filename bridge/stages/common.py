@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import losses, runtime, sampling, train_state
+from bridge import distributed, losses, runtime, sampling, train_state
 from bridge.stages import Sampling
 
 
@@ -278,7 +278,8 @@ def _sample_chunk(ctx: runtime.Context, model, examples: Sequence, sc, *, seed: 
                             eos_ids=tuple(ctx.eos_ids) + tuple(int(t) for t in sc.get("stop_ids", ())),
                             pad_id=ctx.pad_id, n=n, seed=seed, mesh=ctx.mesh, rules=ctx.rules,
                             proxy=proxy_models(ctx, sc, model), refill=int(sc.get("refill", 0)))
-    host = jax.device_get({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
+    # every process gets the whole batch (gathered from the hosts holding its rows) and scores it
+    host = distributed.to_host({"prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask,
                            "tokens": out.tokens, "mask": out.mask, "sample_logp": out.logprobs,
                            "finish_reason": out.finish_reason, "lengths": out.lengths})
     texts = runtime.decode_completions(ctx.tokenizer, host["tokens"], host["mask"], ctx.eos_ids)
@@ -342,5 +343,5 @@ def response_metrics(rollout: Rollout) -> dict:
 
 def mean_metrics(items: Sequence[dict]) -> dict:
     """Mean of each metric over several update steps (device values fetched once)."""
-    host = jax.device_get(list(items))
+    host = distributed.to_host(list(items))
     return {k: float(np.mean([np.asarray(m[k]) for m in host])) for k in host[0]}

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
+from bridge import advantages as adv_lib, distributed, losses, runtime, sampling, scoring
 from bridge.models import value
 from bridge.stages import StageKind, common, critic
 from bridge.tasks import soft_overlong_penalty
@@ -296,7 +296,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
             ref_logp = score_reference(reference, batch)
             if scfg.kl_mode == "loss":
                 batch["ref_logp"] = ref_logp
-            seq_kl = np.asarray(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))
+            seq_kl = distributed.to_host(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))
             metrics["kl_ref_seq"] = float(seq_kl.mean())
             if scfg.kl_mode == "reward":
                 rewards = rewards - scfg.kl_coef * seq_kl

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from flax import nnx
 
-from bridge import losses, runtime, scoring
+from bridge import distributed, losses, runtime, scoring
 from bridge.stages import Sampling, StageKind, common
 from bridge.tasks import base, loaders
 
@@ -140,7 +140,9 @@ def validation_accuracy(ctx, model, examples, scfg) -> float:
 
 def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
     path = os.path.join(ctx.workdir, "stages", unit.id, "pool.npz")
-    if os.path.exists(path):
+    saved = os.path.exists(path)
+    distributed.barrier(f"pool check {unit.id}")  # every process decides before process 0 writes
+    if saved:
         with np.load(path) as f:
             return dict(f)
     task = ctx.stage_task(scfg)
@@ -151,9 +153,11 @@ def load_or_build_pool(ctx, unit, scfg, teacher) -> dict:
         pool = gold_pool(ctx, examples, task)
     else:
         pool = teacher_pool(ctx, teacher, examples, scfg, unit)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", **pool)
-    os.replace(path + ".tmp.npz", path)
+    if distributed.is_main():  # every process built the same pool; process 0 writes it
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", **pool)
+        os.replace(path + ".tmp.npz", path)
+    distributed.barrier(f"pool {unit.id}")
     return pool
 
 
