@@ -37,20 +37,27 @@ def _env(devices: int) -> dict:
 def run_processes(workdir, *overrides, processes=2, devices=4, timeout=600):
     """`launch.train` as `processes` processes of `devices` fake CPU devices; their results."""
     port = _free_port()
+    logs = [(open(f"{workdir}.out{i}", "w+"), open(f"{workdir}.err{i}", "w+")) for i in range(processes)]
+    # output goes to files: a full pipe would block one process inside a collective of the other
     procs = [subprocess.Popen(train_cmd(CONFIG, workdir, *overrides, f"--coordinator_address=localhost:{port}",
                                         f"--num_processes={processes}", f"--process_id={i}"),
-                              cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(processes)]
+                              cwd=REPO, env=_env(devices), stdout=out, stderr=err, text=True)
+             for i, (out, err) in enumerate(logs)]
     outs = []
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            outs.append((proc.returncode, out, err))
+        for proc, (out, err) in zip(procs, logs):
+            proc.wait(timeout=timeout)
+            out.seek(0)
+            err.seek(0)
+            outs.append((proc.returncode, out.read(), err.read()))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        for files in logs:
+            for f in files:
+                f.close()
     return outs
 
 
