@@ -112,17 +112,7 @@ def test_two_processes_match_one_sft(tmp_path):
     _check_two_process_run(tmp_path, SFT_ONLY, ("teacher_sft", "student_sft"), timeout=300)
 
 
-SAMPLER_KEY_PLACEMENT = (
-    "bridge/sampling/sampler.py (Sampler.__call__) places the sampling key with "
-    "jax.device_put(rng, replicated(mesh)); jax 0.10 refuses to device_put a typed PRNG key array onto "
-    "devices of other processes ('device_put's second argument must be a Device or a Sharding which "
-    "represents addressable devices'). Placing its key data instead, jax.random.wrap_key_data("
-    "jax.device_put(jax.random.key_data(rng), replicated(mesh))), makes this test pass (measured: every "
-    "record within 1.2e-7 of the 1-process run). strict: remove this mark when the sampler places it so.")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SAMPLER_KEY_PLACEMENT)
 def test_two_processes_match_one_smoke_bridge(tmp_path):
     """The whole smoke bridge (SFT, GRPO, teacher-sampled warmup, OPD, student GRPO, greedy
     evaluation with KL to the base): sampling SPMD over the global mesh, rollouts gathered

@@ -350,7 +350,9 @@ class Sampler:
             prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch2)
             live = jax.device_put(live, shd.batch_sharding(self.mesh, 1, rules, live.shape))
             row_stops = jax.device_put(row_stops, shd.batch_sharding(self.mesh, 2, rules, row_stops.shape))
-            rng = jax.device_put(rng, shd.replicated(self.mesh))
+            # its key data, not the typed key: device_put refuses a key array for other hosts' devices
+            rng = jax.random.wrap_key_data(jax.device_put(jax.random.key_data(rng), shd.replicated(self.mesh)),
+                                           impl=jax.random.key_impl(rng))
         with contextlib.nullcontext() if self.mesh is None else shd.use_mesh(self.mesh, self.rules):
             caches, logits = self.prefill(states, prompt_tokens, prompt_mask)
             return self.decode(states, caches, logits, prompt_tokens, prompt_mask, live, rng, row_stops)[0]

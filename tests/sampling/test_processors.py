@@ -176,7 +176,8 @@ def test_draws_follow_processed_distribution(settings):
     z = np.array([[1.0, 0.2, -0.5, 2.0, 0.0, -3.0]], np.float32)
     config = SamplingConfig(max_new_tokens=1, **settings)
     keys = jax.random.split(jax.random.key(0), 20000)
-    tokens, logprobs = jax.jit(jax.vmap(lambda k: _select(jnp.asarray(z), k, config)))(keys)
+    row, step = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)  # each key: row 0's draw at step 0
+    tokens, logprobs = jax.jit(jax.vmap(lambda k: _select(jnp.asarray(z), k, row, step, config)))(keys)
     tokens, logprobs = np.asarray(tokens)[:, 0], np.asarray(logprobs)[:, 0]
     processed = z / np.float32(settings["temperature"])
     processed = np_top_k(processed, settings["top_k"]) if settings.get("top_k") else processed

@@ -184,13 +184,17 @@ def test_erpd_teacher_with_ppo_runs_and_its_critic_fits_the_batch(tmp_path, monk
     cfg = erpd_toy.get_config("smoke,ppo")
     with cfg.unlocked():
         cfg.metrics.plots = False
-        cfg.stages.erpd_teacher.update(steps=8, track_every=4)
+        # 16 updates of 8 of the batch's 16 rows at 1e-3: one minibatch's loss varies with its rows
+        # (at 8 updates and the smoke's 1e-4 the last was below the first or not by chance), so the
+        # first and last two epochs (4 updates each) are compared
+        cfg.stages.erpd_teacher.update(steps=16, track_every=4)
+        cfg.stages.erpd_teacher.optimizer.lr = 1e-3
         cfg.stages.erpd_teacher.critic.lam_end = 1.0  # the lambda schedule: 0.95 -> 1.0
     pipelines.run(cfg, str(tmp_path))
     records = stage_records(tmp_path, "erpd_teacher@1")
     np.testing.assert_allclose([records[0]["gae_lambda"], records[-1]["gae_lambda"]], [0.95, 1.0], atol=1e-6)
     losses_ = [r["value_loss"] for r in records]
-    assert losses_[-1] < losses_[0], losses_
+    assert np.mean(losses_[-4:]) < np.mean(losses_[:4]), losses_
     assert (tmp_path / "models" / "erpd_distill@1").is_dir()
 
 

@@ -248,15 +248,17 @@ def trained_teacher(tmp_path_factory):
     dict(loss="forward_ce"),
 ], ids=["sampled_reverse_kl", "exopd", "tip", "two_teachers", "reverse_kl", "forward_kl", "jsd", "forward_ce"])
 def test_opd_loss_reduces_teacher_kl(tmp_path, trained_teacher, overrides):
-    """A few OPD steps with a fixed seed: the sampled teacher-student reverse KL on the
-    student's own rollouts falls (the teacher is loaded from an exported HF folder)."""
-    cfg = smoke_config(["opd"], opd__steps=8, **{f"opd__{k}": v for k, v in overrides.items()})
+    """OPD steps with a fixed seed: the sampled teacher-student reverse KL on the student's own
+    rollouts falls (the teacher is loaded from an exported HF folder). Each step's estimate is
+    16 rollouts, so the first and last 4 steps are compared (2 and 2 of 8 steps failed on noise:
+    one step's estimate ranged 0.31-0.56 at the start)."""
+    cfg = smoke_config(["opd"], opd__steps=16, **{f"opd__{k}": v for k, v in overrides.items()})
     cfg.models.teacher.hf_dir = trained_teacher
     cfg.stages.opd.optimizer.lr = 1e-2
     pipelines.run(cfg, str(tmp_path))
     records = stage_records(tmp_path, "opd")
     kl = [r["teacher_reverse_kl_sampled"] for r in records]
-    assert np.mean(kl[-2:]) < 0.7 * np.mean(kl[:2]), kl
+    assert np.mean(kl[-4:]) < 0.7 * np.mean(kl[:4]), kl
     if "tip_rule" in overrides:
         assert all(0.0 < r["tip_kept_frac"] < 1.0 for r in records)
 
