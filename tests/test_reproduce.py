@@ -167,3 +167,13 @@ def test_stage_kinds_count_their_sampled_completions():
     e = __import__("configs.erpd.toy", fromlist=["get_config"]).get_config()
     assert stages.kind("erpd_teacher").rollouts(e, e.stages.erpd_teacher, 48) == 256 * 8  # one fixed batch
     assert stages.kind("erpd_distill").rollouts(e, e.stages.erpd_distill, 8) == 0
+
+
+def test_the_readme_table_is_the_committed_results_table():
+    """The README's sparse-to-dense table is `--readme`'s output from results/sparse_to_dense."""
+    readme = (REPO / "README.md").read_text()
+    results = json.loads((REPO / "results" / "sparse_to_dense" / "results.json").read_text())
+    table = report.markdown(results)
+    assert (REPO / "results" / "sparse_to_dense" / "table.md").read_text() == table
+    assert report.replace_section(readme, "sparse_to_dense", table) == readme
+    assert len(results["seeds"]) >= 3 and set(results["evaluations"]) == set(toy.reproduction()["rows"])

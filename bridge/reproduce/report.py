@@ -150,7 +150,8 @@ def plot(results: dict, outdir: str) -> list[str]:
                     continue
                 values = np.array([[d[s] for s in steps] for d in per_seed])
                 mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(steps))
-                ax.plot(steps, mean, label=", ".join(c["runs"]))
+                shared = f" (+{len(c['runs']) - 1} runs)" if len(c["runs"]) > 1 else ""
+                ax.plot(steps, mean, label=c["runs"][0] + shared)
                 ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
             ax.set_title(stage)
             ax.set_xlabel("step")
