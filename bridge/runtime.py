@@ -678,6 +678,7 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
         total = start
     every = int(ctx.cfg.checkpoint.every)
     max_nonfinite = int(ctx.cfg.checkpoint.get("max_nonfinite", 3))
+    snapshots = {int(k) for k in scfg.get("export_steps", ())}  # steps that publish the model
     _write_cursor(ctx, unit.id, start)
     with sharding.use_mesh(ctx.mesh, ctx.rules):
         for step in tqdm(range(start, total), initial=start, total=total, desc=unit.id,
@@ -695,10 +696,10 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
                     f"--config.stages.{unit.stage}.optimizer.lr=... "
                     f"--allow_changed=stages.{unit.stage}.optimizer.lr")
             stop = bool(step_metrics.pop("stop", 0.0))  # a stage's stopping rule ends it early
-            if _held_out_due(ctx, scfg, step + 1, total, stop):
+            if _held_out_due(ctx, snapshots, step + 1, total, stop):
                 current = kind.policy_of(nnx.merge(program.graphdef, state.params))
                 step_metrics.update(held_out_curve(ctx, current))
-                if step + 1 in {int(k) for k in scfg.get("export_steps", ())}:
+                if step + 1 in snapshots:
                     ctx.publish(unit, f"step{step + 1}", current)
             ctx.writer.write(unit.id, step + 1, step_metrics)
             if (step + 1) % every == 0 or step + 1 == total or stop:
@@ -743,12 +744,12 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     distributed.barrier(f"done {unit.id}")
 
 
-def _held_out_due(ctx: Context, scfg, step: int, total: int, stop: bool) -> bool:
+def _held_out_due(ctx: Context, snapshots: set, step: int, total: int, stop: bool) -> bool:
     """Whether step `step` evaluates the held-out curve (every `eval.every` steps, and at the
-    stage's last step) or exports a snapshot (a step in the stage's `export_steps`)."""
+    stage's last step) or exports a snapshot (a step in `snapshots`, the stage's `export_steps`)."""
     every = int(ctx.cfg.eval.get("every", 0))
     curve = every > 0 and (step % every == 0 or step == total or stop)
-    return curve or step in {int(k) for k in scfg.get("export_steps", ())}
+    return curve or step in snapshots
 
 
 def held_out_curve(ctx: Context, model) -> dict:
