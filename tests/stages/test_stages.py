@@ -209,6 +209,22 @@ def test_resuming_with_another_config_is_refused(tmp_path):
         pipelines.run(cfg, str(tmp_path))
 
 
+def test_a_knob_added_later_resumes_when_off_and_is_refused_when_on(tmp_path):
+    """A run saved before a knob existed resumes under a config that has it off (the code's
+    default), and is refused when the new knob is on."""
+    import json
+
+    pipelines.run(smoke_config(["student_sft"], student_sft__steps=1), str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["stages"]["student_sft"]["sampling"]["refill"]  # as if written before the knob existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    pipelines.run(smoke_config(["student_sft"], student_sft__steps=1), str(tmp_path))  # 0.0: off
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = smoke_config(["student_sft"], student_sft__steps=1, student_sft__sampling__refill=2)
+    with pytest.raises(checkpoint.CheckpointError, match="different config.*stages.student_sft.sampling.refill"):
+        pipelines.run(cfg, str(tmp_path))
+
+
 def test_rl_stage_raises_the_probability_of_correct_answers(tmp_path):
     """GRPO on 1-digit addition after a short SFT: the gold answers' log-probability rises.
     (40 RL steps: after 20 the rise was within the run-to-run noise of float rounding; a
