@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections import defaultdict
 
 import numpy as np
@@ -38,9 +39,8 @@ class MetricsWriter:
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self.wandb = None
         if wandb_project and active:
-            import wandb  # optional dependency, only when configured
-
-            self.wandb = wandb.init(project=wandb_project, name=run_name, dir=workdir, resume="allow")
+            self.wandb = wandb_run(workdir, wandb_project, run_name or os.path.basename(os.path.abspath(workdir)))
+        self._wandb_stages = set()
 
     def _drop(self, dropped) -> None:
         """Rewrites the file without the records for which `dropped(record)` is true, and without
@@ -79,11 +79,39 @@ class MetricsWriter:
                 if k not in ("stage", "step"):
                     self.tb.add_scalar(f"{stage}/{k}", v, step)
         if self.wandb is not None:
-            self.wandb.log({f"{stage}/{k}": v for k, v in record.items() if k not in ("stage", "step")})
+            if stage not in self._wandb_stages:  # each stage's curves against its own step
+                self.wandb.define_metric(f"{stage}/step")
+                self.wandb.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+                self._wandb_stages.add(stage)
+            self.wandb.log({f"{stage}/{k}": v for k, v in record.items() if k != "stage"})
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+WANDB_ID = "wandb_run_id"
+
+
+def wandb_run(workdir: str, project: str, name: str):
+    """The workdir's Weights & Biases run (`pip install -e '.[wandb]'`): its id is made at the
+    first start and kept in <workdir>/wandb_run_id, so a resumed run continues the same W&B run
+    (`resume="allow"`); W&B's own files go to <workdir>/wandb/. WANDB_MODE=offline logs without
+    a network (`wandb sync` uploads later)."""
+    import wandb  # optional dependency, only when configured
+
+    path = os.path.join(workdir, WANDB_ID)
+    if os.path.exists(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:16]
+        with open(path, "w") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=project, name=name, id=run_id, dir=workdir, resume="allow")
 
 
 def _is_eval(record: dict) -> bool:
