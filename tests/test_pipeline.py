@@ -13,6 +13,16 @@ from safetensors.numpy import load_file
 from launch_helpers import REPO, run_train, stable_records, train_cmd
 
 
+def test_a_bridge_cut_to_one_stage_summarizes_without_c1_and_c2(tmp_path):
+    """`--config.pipeline.stages=("student_sft",)` (the README's way to train a base once) runs
+    neither the C1 nor the C2 stage: the summary leaves them out instead of failing."""
+    result = run_train("configs/sparse_to_dense/toy.py:smoke", tmp_path, '--config.pipeline.stages=("student_sft",)')
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert list(summary["stages"]) == ["student_sft"]
+    assert "c1_teacher_accuracy_after_rl" not in summary and "c2_teacher_student_kl_before_opd" not in summary
+
+
 def test_smoke_bridge_runs_end_to_end(tmp_path):
     result = run_train("configs/sparse_to_dense/toy.py:smoke", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

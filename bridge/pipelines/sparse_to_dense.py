@@ -14,11 +14,12 @@ from bridge import metrics as metrics_lib
 
 
 def summarize(cfg, workdir: str, results: dict) -> dict:
+    """C1 and C2 of the stages that ran (a pipeline cut short by `pipeline.stages` has neither)."""
     summary = {}
-    if cfg.pipeline.get("c1_stage"):
+    if cfg.pipeline.get("c1_stage") in results:
         summary["c1_teacher_accuracy_after_rl"] = results[cfg.pipeline.c1_stage].get("accuracy")
-    if cfg.pipeline.get("c2_stage"):
-        records = metrics_lib.read_metrics(workdir)
+    records = metrics_lib.read_metrics(workdir) if cfg.pipeline.get("c2_stage") else {}
+    if cfg.pipeline.get("c2_stage") in records:
         first = next(r for r in records[cfg.pipeline.c2_stage] if r["step"] == 1)
         summary["c2_teacher_student_kl_before_opd"] = first["teacher_reverse_kl_sampled"]
     return summary
