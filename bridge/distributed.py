@@ -1,5 +1,6 @@
 """Multi-host runs: one process per host, one global mesh over every host's devices.
 
+    distributed.set_memory_fraction(cfg.system.memory_fraction)   # before the backend starts
     distributed.initialize()            # before any other JAX call; a no-op for one process
 
 Where the processes come from (first match wins):
@@ -29,6 +30,7 @@ process reads the markers process 0 writes, and orbax's multi-host checkpoints n
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -36,6 +38,27 @@ import numpy as np
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
+
+
+MEMORY_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def set_memory_fraction(fraction: float) -> None:
+    """Has JAX preallocate `fraction` of each GPU's memory (config `system.memory_fraction`) by
+    setting XLA_PYTHON_CLIENT_MEM_FRACTION, which the GPU client reads when the backend starts:
+    the launchers call it before `initialize` and any computation. 0 keeps JAX's default (0.75);
+    an XLA_PYTHON_CLIENT_MEM_FRACTION already in the environment wins. CPU and TPU ignore it."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"system.memory_fraction must be in [0, 1] (0: JAX's default); got {fraction:g}.")
+    if not fraction or MEMORY_FRACTION in os.environ:
+        return
+    os.environ[MEMORY_FRACTION] = f"{fraction:g}"
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        logging.warning("%s=%g was set after the JAX backend started; it applies to the next process only.",
+                        MEMORY_FRACTION, fraction)
 
 
 def _cluster_detected() -> str | None:

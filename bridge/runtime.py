@@ -487,8 +487,8 @@ def tokenizer_from_spec(spec: str):
 
 
 def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> None:
-    """A workdir belongs to one experiment: refuse to resume under a different one. Metrics and
-    checkpoint settings may change, and so may a block's `repeat` (raising it runs the new
+    """A workdir belongs to one experiment: refuse to resume under a different one. Metrics,
+    checkpoint and system settings may change, and so may a block's `repeat` (raising it runs the new
     iterations); evaluation settings too until a unit has been evaluated (the units' results
     must not mix settings). Any other change must be allowed by `allow_changed` (a key, or a
     prefix such as "eval"); it applies from the first unfinished unit and is appended, with the
@@ -498,7 +498,7 @@ def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        changed = [k for k in sorted(_diff(saved, current)) if not k.startswith(("metrics.", "checkpoint."))
+        changed = [k for k in sorted(_diff(saved, current)) if not k.startswith(("metrics.", "checkpoint.", "system."))
                    and not (k.startswith("pipeline.blocks.") and k.endswith(".repeat"))]
         finished = _finished_units(workdir)
         evaluated = [u for u, exported in finished.items() if exported]

@@ -43,6 +43,9 @@ def base() -> ml_collections.ConfigDict:
                 kl_reference="", every=0, curve_prompts=256, curve_tasks=ml_collections.ConfigDict())
     c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
     c.metrics = cd(tensorboard=True, wandb_project="", progress=True, plots=True)
+    # memory_fraction: the share of each GPU's memory JAX preallocates, set by the launchers
+    # (bridge.distributed.set_memory_fraction); 0 = JAX's default, the environment variable wins
+    c.system = cd(memory_fraction=0.0)
     return c
 
 

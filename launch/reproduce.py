@@ -50,13 +50,15 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("runs", "reproduce", family)
     outdir = _OUTDIR.value or os.path.join("results", family)
     with cli.user_errors(workdir):
-        from bridge import reproduce
+        from bridge import distributed, reproduce
         from bridge.reproduce import report
 
         if _REPORT_ONLY.value:
             table = report.write(report.load(outdir), outdir)
         else:
-            table = reproduce.reproduce(load_module(path), [p for p in variant.split(",") if p], family,
+            module = load_module(path)
+            distributed.set_memory_fraction(module.get_config(variant or None).system.memory_fraction)
+            table = reproduce.reproduce(module, [p for p in variant.split(",") if p], family,
                                         seeds=_SEEDS.value, row_names=_ROWS.value, workdir=workdir, outdir=outdir,
                                         progress=_PROGRESS.value)
         if _README.value:

@@ -50,6 +50,7 @@ def main(argv):
     if not _WORKDIR.value:
         cli.fail("--workdir is required.")
     with cli.user_errors(_WORKDIR.value):
+        distributed.set_memory_fraction(_CONFIG.value.system.memory_fraction)
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     started = time.perf_counter()
     with cli.user_errors(_WORKDIR.value), runtime.workdir_lock(_WORKDIR.value, _ALLOW_CHANGED.value):

@@ -2,7 +2,7 @@
 and which units of those runs are the same computation, so each runs once per seed.
 
 A unit's key is a hash of everything its outputs are a function of:
-  - the experiment config without its pipeline, stages, metrics and checkpoint settings (the
+  - the experiment config without its pipeline, stages, metrics, checkpoint and system settings (the
     task, tokenizer, model slots, evaluation settings, seed, mesh, dtypes);
   - the unit's stage name, iteration, export flag and stage config (the stage name and
     iteration seed its randomness, `Context.rng`);
@@ -29,7 +29,7 @@ from bridge import runtime, stages
 
 # what a run's workdir holds per unit: stages/<id>/DONE.json, models/<id>, artifacts/<id>, checkpoints/<id>
 UNIT_DIRS = ("stages", "models", "artifacts", "checkpoints")
-_NOT_KEYED = ("pipeline", "stages", "metrics", "checkpoint")
+_NOT_KEYED = ("pipeline", "stages", "metrics", "checkpoint", "system")
 
 
 @dataclasses.dataclass(frozen=True)
