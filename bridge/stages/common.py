@@ -103,11 +103,6 @@ def scoring_slices(scfg) -> int:
     return int(scfg.minibatches * scfg.microbatches)
 
 
-def frozen_state(model):
-    """A scoring-only model's state (teacher, reference), as an argument to jitted steps."""
-    return nnx.split(model)[1]
-
-
 def check_vocab(teacher, student, stage: str) -> None:
     """Token-level distillation needs one vocabulary; stop at startup if the two differ."""
     vt, vs = teacher.config.vocab_size, student.config.vocab_size
