@@ -43,3 +43,13 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), axis_names: Sequence[str] = AXE
         return jax.make_mesh(shape, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
     return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names),
                 axis_types=(AxisType.Auto,) * len(shape))
+
+
+def split_mesh(shape: Sequence[int], first: int, devices: Sequence[jax.Device] | None = None,
+               axis_names: Sequence[str] = AXES) -> tuple[Mesh, Mesh]:
+    """Two meshes of `shape` (its -1 filled for each part): the first `first` of `devices`
+    (default: all) and the rest, e.g. 8 devices, (1, -1, 1), first=4: two (1, 4, 1) meshes."""
+    devices = list(devices if devices is not None else jax.devices())
+    if not 0 < first < len(devices):
+        raise ValueError(f"Cannot split {len(devices)} devices into the first {first} and the rest.")
+    return (make_mesh(shape, axis_names, devices[:first]), make_mesh(shape, axis_names, devices[first:]))

@@ -82,13 +82,17 @@ def rl_stage(model: str, lr: float, steps: int, **kw) -> ml_collections.ConfigDi
     microbatches slices of its rows (the scoring passes use slices of the same size).
     guidance (GHPO): enabled=True re-samples each group with no correct rollout after the first
     fractions[0] of its reference solution, then the next fraction while it still has none.
+    off_policy_lag=1 samples step t+1's rollouts with the weights of step t while step t trains
+    (0: on policy); rollout_devices=k samples on the first k devices and trains on the rest
+    (0: one shared mesh); see bridge/stages/off_policy.py.
     """
     s = cd(kind="rl", model=model, init="", steps=steps, prompts_per_step=32, sampling=sampling(),
            loss="grpo", loss_kwargs=cd(clip_low=0.2, clip_high=0.2), aggregation="token-mean", max_len=0,
            advantage="grpo", kl_coef=0.0, kl_kind="k3", kl_mode="loss", reference="", entropy_coef=0.0,
            sample_batch_size=0, minibatches=1, microbatches=1, epochs=1, dynamic_sampling=False, max_refills=3,
            overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0, critic=critic(),
-           guidance=cd(enabled=False, fractions=(0.25, 0.5, 0.75)), optimizer=optimizer(lr))
+           guidance=cd(enabled=False, fractions=(0.25, 0.5, 0.75)), off_policy_lag=0, rollout_devices=0,
+           optimizer=optimizer(lr))
     s.update(kw)
     return s
 

@@ -24,6 +24,10 @@ or "hf:<path>", e.g. the original base model); "" is the stage's initial policy.
 tis_cap > 0 multiplies each token's advantage by min(pi_old/pi_sample, cap), the truncated
 importance correction for sampler/trainer mismatch (Yao et al. 2025); pi_sample is the
 sampler's log-probability before top-k/top-p truncation, so the ratio is the mismatch alone.
+off_policy_lag=1 trains step t on rollouts sampled with step t-1's weights (sampled while
+update t-1 ran), and rollout_devices=k samples on the first k devices and trains on the rest
+(`bridge.stages.off_policy`: the schedule, and the lag's correction: old logprobs recomputed
+by the trainer, tis_cap's weight); both default to 0, strictly on policy on one mesh.
 
 DAPO's dynamic sampling keeps a group when 0 < #correct < G on the verifier's accuracy
 (as verl filters); the overlong penalty shapes the rewards of the kept groups only.
@@ -54,9 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, distributed, losses, runtime, sampling, scoring
+from bridge import advantages as adv_lib, distributed, losses, runtime, sampling, scoring, sharding
 from bridge.models import value
-from bridge.stages import StageKind, common, critic
+from bridge.stages import StageKind, common, critic, off_policy
 from bridge.tasks import soft_overlong_penalty
 
 
@@ -260,6 +264,9 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         check_guidance(unit.id, scfg, ctx.task)
     if uses_critic(scfg):
         critic.check(unit.id, scfg.critic)
+    lag = int(scfg.get("off_policy_lag", 0))
+    tctx, rctx = off_policy.contexts(ctx, scfg, unit.id)  # training / rollout (one shared mesh: ctx, ctx)
+    split = tctx is not ctx
     model = ctx.model(scfg.get("init") or scfg.model)
     updates = scfg.steps * scfg.epochs * scfg.minibatches
     temperature = sampling.processors.scoring_temperature(scfg.sampling.temperature)
@@ -270,21 +277,35 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         common.check_vocab(reference_model, model, unit.id)
         reference_graphdef, reference = nnx.split(reference_model)
         reference = jax.tree.map(jnp.copy, reference)
+        if split:
+            reference = sharding.shard_state(reference, tctx.mesh, tctx.rules)
         score_reference = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
             nnx.merge(reference_graphdef, state), batch, temperature), slices))
-    trainer = common.make_trainer(ctx, kind, scfg, model, (), updates)
+    trainer = common.make_trainer(tctx, kind, scfg, model, (), updates)
     score = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
         kind.policy_of(nnx.merge(trainer.graphdef, state)), batch, temperature, return_entropy=True), slices))
     score_values = critic.value_scorer(trainer.graphdef, slices) if uses_critic(scfg) else None
     data = ctx.prompts(unit, scfg.prompts_per_step)
+    if lag:
+        data = off_policy.Lookahead(data)
     estimator = None if uses_critic(scfg) else adv_lib.advantage_estimator(scfg.advantage)
 
-    def step(state, i):
+    def sampler_model(state):
+        """The policy rollouts sample with: the trainer's, or (lagged or on its own mesh) a copy."""
+        policy = common.current_model(trainer, state)
+        return off_policy.policy_copy(policy, rctx) if lag or split else policy
+
+    def rollout(policy, i):
         stats = GuidanceStats(scfg.guidance.fractions) if guided else None
-        roll, row_weight = collect(ctx, common.current_model(trainer, state), data, scfg,
-                                   lambda attempt: ctx.seed(unit, i, f"sample/{attempt}"), stats)
+        with sharding.use_mesh(rctx.mesh, rctx.rules):
+            roll, row_weight = collect(rctx, policy, data, scfg,
+                                       lambda attempt: ctx.seed(unit, i, f"sample/{attempt}"), stats)
+        return roll, row_weight, stats
+
+    def prepare(state, i, roll, row_weight, stats):
+        """The update batch of a rollout (old logprobs from the trainer at `state`) and its metrics."""
         # With guidance, a guided row's prompt is prompt + prefix: every score below conditions on it.
-        batch, sample_logp = common.place_rollout(ctx, roll)
+        batch, sample_logp = common.place_rollout(tctx, roll)
         # Old logprobs from the trainer's own forward pass, so rho = 1 exactly at the first update.
         old_logp, entropy = score(state.params, batch)
         rewards = shaped_rewards(roll, scfg)
@@ -310,19 +331,41 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
             adv = np.asarray(adv)
             batch.update(old_values=old_values, returns=returns)
             metrics.update(critic_metrics)
-        batch.update(runtime.place_batch(ctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
+        batch.update(runtime.place_batch(tctx, {"advantages": adv.astype(np.float32), "row_weight": row_weight}))
         tis = common.tis_weight(old_logp, sample_logp, scfg.tis_cap)
         batch.update(old_logp=old_logp, tis_weight=tis)
-        state, update_metrics = common.run_updates(
-            trainer, state, batch, None, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
-            rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll.lengths.sum()))
-        metrics.update(update_metrics)
         metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
                        kept_group_frac=float(row_weight.mean()),
                        **common.mismatch_metrics(old_logp, sample_logp, tis, batch["mask"]))
+        return batch, metrics
+
+    def step(state, i):
+        roll = rollout(sampler_model(state), i)
+        with sharding.use_mesh(tctx.mesh, tctx.rules):
+            batch, metrics = prepare(state, i, *roll)
+            state, update_metrics = common.run_updates(
+                trainer, state, batch, None, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
+                rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll[0].lengths.sum()))
+        metrics.update(update_metrics)
         return state, metrics
 
-    return runtime.StageProgram(trainer.graphdef, trainer.state, step, data)
+    def lagged_step(state, i):  # off_policy_lag=1: see bridge/stages/off_policy.py
+        behind = sampler_model(state)  # theta_i, copied before the updates donate the state
+        roll = data.take(i)
+        metrics = {"rollout_policy_lag": float(roll is not None)}
+        roll = roll or rollout(behind, i)
+        with sharding.use_mesh(tctx.mesh, tctx.rules):
+            batch, prepared = prepare(state, i, *roll)
+            state, finish = off_policy.dispatch_updates(
+                trainer, state, batch, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
+                rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll[0].lengths.sum()))
+        if i + 1 < int(scfg.steps):
+            data.ahead(i + 1, lambda: rollout(behind, i + 1))
+        metrics.update(prepared)
+        metrics.update(finish())
+        return state, metrics
+
+    return runtime.StageProgram(trainer.graphdef, trainer.state, lagged_step if lag else step, data)
 
 
 KIND = StageKind(
