@@ -198,6 +198,7 @@ class Context:
     writer: metrics_lib.MetricsWriter
     slots: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)
+    saved_config: dict | None = None  # the workdir's config.json as this process found it
     current: Unit | None = None  # the unit being built or run
     stage_tasks: dict = dataclasses.field(default_factory=dict, repr=False)  # `stage_task`'s, by options
 
@@ -375,7 +376,7 @@ def make_context(cfg, workdir: str) -> Context:
     _check_inputs(ctx)
     if distributed.is_main():
         os.makedirs(workdir, exist_ok=True)
-    _check_workdir_config(cfg, workdir, _HELD.get(os.path.abspath(workdir), ()))
+    ctx.saved_config = _check_workdir_config(cfg, workdir, _HELD.get(os.path.abspath(workdir), ()))
     ctx.writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard,
                                            wandb_project=cfg.metrics.get("wandb_project") or None,
                                            active=distributed.is_main())
@@ -486,15 +487,16 @@ def tokenizer_from_spec(spec: str):
     return models.load_tokenizer(spec)
 
 
-def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> None:
+def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> dict | None:
     """A workdir belongs to one experiment: refuse to resume under a different one. Metrics,
     checkpoint and system settings may change, and so may a block's `repeat` (raising it runs the new
     iterations); evaluation settings too until a unit has been evaluated (the units' results
     must not mix settings). Any other change must be allowed by `allow_changed` (a key, or a
     prefix such as "eval"); it applies from the first unfinished unit and is appended, with the
-    evaluation changes, to history.jsonl."""
+    evaluation changes, to history.jsonl. Returns the config the workdir held (None: new)."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(cfg.to_json_best_effort(sort_keys=True))
+    saved = None
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -525,6 +527,7 @@ def _check_workdir_config(cfg, workdir: str, allow_changed=()) -> None:
         with open(path, "w") as f:
             json.dump(current, f, indent=2, sort_keys=True)
     distributed.barrier("workdir config written")
+    return saved
 
 
 def _finished_units(workdir: str) -> dict[str, bool]:
@@ -545,9 +548,14 @@ def _get(tree: dict, key: str):
 
 
 def _config_fingerprints(ctx: Context, unit: Unit, scfg) -> set[str]:
-    """Fingerprints of `unit`'s stage config now and before each change in history.jsonl, so a
-    checkpoint written before an allowed change restores (and the stopped unit resumes with it)."""
+    """Fingerprints of `unit`'s stage config now, as the workdir's config.json held it before
+    this process (a knob added to the code since, off, is no change: `_diff`), and before each
+    change in history.jsonl, so a checkpoint written before an allowed change restores (and the
+    stopped unit resumes with it)."""
     out = {checkpoint.fingerprint(scfg.to_dict())}
+    saved_stage = (ctx.saved_config or {}).get("stages", {}).get(unit.stage)
+    if saved_stage is not None:
+        out.add(checkpoint.fingerprint(for_iteration(ml_collections.ConfigDict(saved_stage), unit.iteration).to_dict()))
     path = os.path.join(ctx.workdir, HISTORY)
     if not os.path.exists(path):
         return out

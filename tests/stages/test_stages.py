@@ -225,6 +225,20 @@ def test_a_knob_added_later_resumes_when_off_and_is_refused_when_on(tmp_path):
         pipelines.run(cfg, str(tmp_path))
 
 
+def test_a_mid_stage_checkpoint_from_before_a_knob_existed_restores(tmp_path):
+    """A stage interrupted under code without a knob resumes from its checkpoint under code
+    with the knob off (the checkpoint's config fingerprint is the old stage config's)."""
+    old = smoke_config(["student_sft"], student_sft__steps=2)
+    with old.unlocked():
+        del old.stages.student_sft["until_accuracy"]  # the code before the knob existed
+    pipelines.run(old, str(tmp_path))
+    for marker in (tmp_path / "models" / "student_sft" / runtime.DONE, tmp_path / "stages" / "student_sft" / "DONE.json"):
+        os.remove(marker)  # interrupted after its last checkpoint
+    assert checkpoint.StageCheckpoints(str(tmp_path), "student_sft").latest_step() == 2
+    pipelines.run(smoke_config(["student_sft"], student_sft__steps=2), str(tmp_path))
+    assert (tmp_path / "models" / "student_sft" / runtime.DONE).exists()
+
+
 def test_rl_stage_raises_the_probability_of_correct_answers(tmp_path):
     """GRPO on 1-digit addition after a short SFT: the gold answers' log-probability rises.
     (40 RL steps: after 20 the rise was within the run-to-run noise of float rounding; a
