@@ -139,19 +139,6 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
-def local_model(model):
-    """A copy of an nnx module whose arrays all live on this process's first device, with their
-    global values (gathered, a collective): what `models.save_hf` can write on process 0."""
-    from flax import nnx
-
-    if jax.process_count() == 1:
-        return model
-    graphdef, state = nnx.split(model)
-    device = jax.local_devices()[0]
-    state = jax.tree.map(lambda x: jax.device_put(to_host(x), device) if isinstance(x, jax.Array) else x, state)
-    return nnx.merge(graphdef, state)
-
-
 def global_array(value, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array from `value`, the array's full (global) value, which every process holds
     identically: each process passes only the rows its own devices hold to

@@ -299,11 +299,10 @@ class Context:
         a dict tree of arrays (.npz); atomic, so a kill never leaves half an artifact."""
         path = os.path.join(self.workdir, "artifacts", unit.id, name)
         if isinstance(value, nnx.Module):
-            value = distributed.local_model(value)  # every process gathers; process 0 writes
+            tmp = path + ".tmp"
+            # every process: a tensor sharded over several hosts is gathered alone; process 0 writes
+            models.save_hf(value, tmp, tokenizer=self.tokenizer)
             if distributed.is_main():
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = path + ".tmp"
-                models.save_hf(value, tmp, tokenizer=self.tokenizer)
                 if os.path.exists(path):
                     import shutil
 
@@ -752,10 +751,10 @@ def run_stage(ctx: Context, unit: Unit, scfg, kind, *, export: bool = True) -> N
     stage_results.update(steps=total, optimizer_updates=int(state.step),
                          wall_time_s=round(time.perf_counter() - started, 2))
     ctx.results[unit.id] = stage_results
-    exported = distributed.local_model(model) if export else None  # every process gathers
+    if export:  # every process: a tensor sharded over several hosts is gathered alone; process 0 writes
+        models.save_hf(model, out_dir, tokenizer=ctx.tokenizer)
     if distributed.is_main():  # process 0 writes the unit's files, the others wait for them
         if export:
-            models.save_hf(exported, out_dir, tokenizer=ctx.tokenizer)
             with open(os.path.join(out_dir, "results.json"), "w") as f:
                 json.dump(stage_results, f, indent=2)
             open(os.path.join(out_dir, DONE), "w").close()

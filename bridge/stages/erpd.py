@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
+from bridge import advantages as adv_lib, distributed, losses, runtime, sampling, scoring
 from bridge.models import value
 from bridge.stages import StageKind, common, critic
 
@@ -132,7 +132,7 @@ def fixed_batch(ctx: runtime.Context, unit, scfg, model) -> dict:
     placed, _ = common.place_rollout(ctx, roll)
     graphdef, state = nnx.split(model)
     old_logp = _scorer(graphdef, _temperature(scfg), common.scoring_slices(scfg))(state, placed)
-    batch = {**roll.token_arrays(), "old_logp": np.asarray(old_logp), "rewards": roll.rewards,
+    batch = {**roll.token_arrays(), "old_logp": distributed.to_host(old_logp), "rewards": roll.rewards,
              "advantages": np.asarray(adv_lib.group_advantages(roll.rewards, int(scfg.sampling.n)))}
     ctx.publish(unit, "batch", batch)
     return batch
@@ -197,7 +197,7 @@ def teacher_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
         metrics = dict(metrics, epoch=float(i * bs // rows), **critic_metrics)
         if _tracked(scfg, i):
             whole = runtime.place_batch(ctx, {k: batch[k] for k in common.Rollout.TOKEN_KEYS})
-            logp, entropy = score(state.params, whole)
+            logp, entropy = distributed.to_host(score(state.params, whole))
             metrics.update(batch_statistics(logp, entropy, batch, batch["old_logp"]))
             if scfg.teacher_loss == "mse":
                 weights = np.asarray(_implicit_reward_mask(jnp.asarray(batch["mask"]), scfg.aggregation))
@@ -314,8 +314,9 @@ def distill_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
         other_graphdef, other_state = nnx.split(other)
         logps[role] = _scorer(other_graphdef, temperature, slices)(other_state, placed)
     mask = placed["mask"].astype(jnp.float32)
-    batch["old_logp"] = np.asarray(logps["old"])
-    batch["advantages"] = np.asarray(strategy_rewards(logps, mask, scfg.strategies, scfg.weights))
+    batch["old_logp"], batch["advantages"] = distributed.to_host(
+        (logps["old"], strategy_rewards(logps, mask, scfg.strategies, scfg.weights)))
+    cached = distributed.to_host({r: v for r, v in logps.items() if r != "old"}) if scfg.denominator == "current" else {}
     trainer = common.make_trainer(ctx, kind, scfg, model, (), scfg.steps)
     score = _scorer(trainer.graphdef, temperature, slices)
     rows, bs = len(batch["tokens"]), common.rollout_update_rows(scfg)
@@ -324,14 +325,14 @@ def distill_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
         idx = common.pool_rows(ctx, unit, i, rows, bs)
         minibatch = runtime.place_batch(ctx, {k: batch[k][idx] for k in keys})
         if scfg.denominator == "current":  # s1 against the evolving policy, whitened on the minibatch
-            current = {**{r: jnp.asarray(np.asarray(v)[idx]) for r, v in logps.items()},
+            current = {**runtime.place_batch(ctx, {r: v[idx] for r, v in cached.items()}),
                        "old": score(state.params, minibatch)}
             minibatch["advantages"] = strategy_rewards(current, minibatch["mask"].astype(jnp.float32),
                                                        scfg.strategies, scfg.weights)
         state, metrics = trainer.update(state, minibatch, None)
         metrics = dict(metrics)
         if _tracked(scfg, i):
-            logp = np.asarray(score(state.params, placed), np.float64)
+            logp = np.asarray(distributed.to_host(score(state.params, placed)), np.float64)
             m = np.asarray(batch["mask"], np.float64)
             gain = (np.asarray(batch["advantages"]) * (logp - batch["old_logp"]) * m).sum() / m.sum()
             metrics.update(surrogate_gain=float(gain), kl_old_k3=k3_kl(logp, batch["old_logp"], m))
