@@ -575,22 +575,22 @@ def _config_fingerprints(ctx: Context, unit: Unit, scfg) -> set[str]:
     return out
 
 
-def _off(value) -> bool:
+def is_off(value) -> bool:
     """A setting that is off: False, 0, "", None, or a container of only such values."""
     if isinstance(value, dict):
-        return all(_off(v) for v in value.values())
+        return all(is_off(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return all(_off(v) for v in value)
+        return all(is_off(v) for v in value)
     return not value
 
 
 def _diff(a, b, prefix=""):
     """The dotted keys where config trees `a` and `b` differ. A key on one side only whose value
-    is off (`_off`) is no difference: a knob added to the code later defaults to off, and a
+    is off (`is_off`) is no difference: a knob added to the code later defaults to off, and a
     run saved before it existed computed what it computes off."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in set(a) | set(b):
-            if (k not in a and _off(b[k])) or (k not in b and _off(a[k])):
+            if (k not in a and is_off(b[k])) or (k not in b and is_off(a[k])):
                 continue
             yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:

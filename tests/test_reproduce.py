@@ -45,6 +45,15 @@ def test_units_are_shared_exactly_when_their_inputs_are_equal():
     assert not set(_keys("bridge", seed=1).values()) & set(bridge.values())
 
 
+def test_a_knob_added_later_keeps_every_key_while_off():
+    """Runs keyed before a knob existed stay cached after it is added, off; on, it moves the
+    units that use it and everything downstream."""
+    bridge = _keys("bridge")
+    assert _keys("bridge", stages__teacher_rl__new_knob=0, new_section={"flag": False, "name": ""}) == bridge
+    on = _keys("bridge", stages__teacher_rl__new_knob=1)
+    assert {u for u in bridge if on[u] != bridge[u]} == {"teacher_rl", "warmup", "opd", "student_rl"}
+
+
 def test_dependencies_follow_the_models_each_stage_reads():
     graph = plan.unit_graph(toy.get_config("bridge"))
     assert graph["student_sft"][1] == frozenset()

@@ -11,6 +11,8 @@ A unit's key is a hash of everything its outputs are a function of:
     and the sampling's proxy models; the last unit on that slot), and each "stage:X" or
     "artifact:X/..." anywhere in its stage config (unit X; "absent" when X has not run before
     it, which is also what the runtime sees).
+Settings that are off (False, 0, "", None) are left out of the hash: a knob added to the code
+later, off by default, changes no key, so cached units and evaluations stay valid.
 Two units with equal keys in two runs compute the same thing, so the second run links the
 first's finished unit (its stage record, exported model, artifacts and checkpoints) into its
 workdir and the runtime skips it: the teacher's SFT and RL and the student's SFT run once per seed
@@ -64,8 +66,16 @@ def _strings(tree):
         yield tree
 
 
+def _without_off(tree):
+    """`tree` without its off settings (`runtime.is_off`: False, 0, "", None, empty), so a knob
+    added to the code later, off by default, leaves every key as it was."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without_off(v) for k, v in tree.items() if not runtime.is_off(v)}
+
+
 def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_without_off(payload), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def unit_graph(cfg) -> dict[str, tuple[str, frozenset]]:
