@@ -9,9 +9,13 @@
 to <workdir>/models/<stage>). With --config, the config supplies the tokenizer (when the model
 folder has none), the task (config.task, unless --task is given), the eval section's
 defaults (num_prompts, batch_size, max_new_tokens, n, temperature, top_p, top_k) and the seed;
-a flag given on the command line wins. Writes results.json, results.md, passk.png and
-samples.jsonl to --outdir. Without a config, sampling defaults follow the papers: n=16,
-T=0.7, top-p 0.8, top-k 20.
+a flag given on the command line wins. The evaluation runs on the config's mesh (`mesh.shape`,
+`mesh.rules`; without a config, every device on the fsdp axis): the models are loaded onto
+their shards and each batch's rows are split over the batch axes. --hbm_gib picks the largest
+prompts per sampler call (at most the batch size) whose programs (prefill, decode, scoring)
+fit that much memory per device, compiled against abstract shapes first (`bridge.abstract`).
+Writes results.json, results.md, passk.png and samples.jsonl to --outdir. Without a config,
+sampling defaults follow the papers: n=16, T=0.7, top-p 0.8, top-k 20.
 
 Proxy-tuning (Liu et al. 2024, "Tuning Language Models by Proxy"): --proxy_expert and
 --proxy_antiexpert name two model folders ("hf:<folder>" also accepted) sharing the model's
@@ -49,6 +53,8 @@ flags.DEFINE_integer("top_k", None, "Top-k sampling, 0 = off (default: config.ev
 flags.DEFINE_integer("max_new_tokens", None, "Generation budget (default: config.eval or task hint).")
 flags.DEFINE_integer("limit", None, "Evaluate the first N problems (default: config.eval.num_prompts).")
 flags.DEFINE_integer("batch_size", None, "Prompts per sampler call (default: config.eval or 64).")
+flags.DEFINE_float("hbm_gib", 0.0, "Accelerator memory per device, GiB: lower the batch size to the largest whose "
+                   "evaluation programs fit (0: off).")
 flags.DEFINE_integer("seed", None, "Sampling seed (default: config.seed or 0).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("proxy_expert", None, "Proxy-tuning: the expert model folder (with --proxy_antiexpert).")
@@ -115,7 +121,37 @@ def _folder(ref: str) -> str:
     return path
 
 
-def _proxy(model, tokenizer, dtype):
+def _mesh():
+    """(mesh, rules) of the config (default: every device on the fsdp axis, the default rules)."""
+    from bridge import sharding
+    from bridge.mesh import make_mesh
+
+    rules = _from_config("mesh.rules")
+    return (make_mesh(tuple(_from_config("mesh.shape", (1, -1, 1)))),
+            sharding.as_rules(rules) if rules else sharding.DEFAULT_RULES)
+
+
+def _batch_size(models, reference, task, tokenizer, sampling_kw: dict, limit, batch_size: int, mesh, rules) -> int:
+    """`batch_size`, or with --hbm_gib the largest prompts per call up to it whose evaluation
+    programs (`bridge.abstract.eval_programs` at the longest prompt) fit --hbm_gib per device."""
+    from bridge import abstract, sampling
+
+    if not FLAGS.hbm_gib:
+        return batch_size
+    examples = list(task.examples(FLAGS.split))[:limit]
+    prompt_len = max((len(task.prompt_ids(x, tokenizer)) for x in examples), default=1)
+    config = sampling.SamplingConfig(**sampling_kw, proxy_alpha=float(FLAGS.proxy_alpha))
+    programs = lambda b: abstract.eval_programs(models, config, mesh, rules, prompts=b, prompt_len=prompt_len,  # noqa: E731
+                                                reference=reference)
+    chosen = abstract.largest_batch(programs, min(batch_size, max(len(examples), 1)), FLAGS.hbm_gib)
+    if not chosen:
+        raise ValueError(f"One prompt per call does not fit {FLAGS.hbm_gib:g} GiB per device (n={config.n}, "
+                         f"{prompt_len} + {config.max_new_tokens} tokens); shard wider or lower n / max_new_tokens.")
+    print(f"batch size {chosen} (the largest up to {batch_size} that fits {FLAGS.hbm_gib:g} GiB per device)")
+    return chosen
+
+
+def _proxy(model, tokenizer, dtype, mesh, rules):
     """(expert, antiexpert, alpha) from the proxy flags, or None; both models or neither, each
     with the model's vocabulary (size, and tokens where the folder has a tokenizer)."""
     from bridge import models
@@ -128,7 +164,7 @@ def _proxy(model, tokenizer, dtype):
     pair = []
     for role, ref in named.items():
         path = _folder(ref)
-        proxy_model = models.load_hf(path, dtype=dtype)
+        proxy_model = models.load_hf(path, dtype=dtype, mesh=mesh, rules=rules)
         if proxy_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"--proxy_{role}={ref} has a vocabulary of {proxy_model.config.vocab_size} tokens, the "
                              f"model {model.config.vocab_size}; proxy-tuning needs one shared vocabulary.")
@@ -151,28 +187,33 @@ def run() -> dict:
             "folder a stage exported, e.g. <workdir>/models/<stage>."
         )
     dtype = _from_config("dtype", "float32")
-    model = models.load_hf(model_dir, dtype=dtype)
-    reference = models.load_hf(FLAGS.reference, dtype=dtype) if FLAGS.reference else None
+    mesh, rules = _mesh()
+    model = models.load_hf(model_dir, dtype=dtype, mesh=mesh, rules=rules)
+    reference = models.load_hf(FLAGS.reference, dtype=dtype, mesh=mesh, rules=rules) if FLAGS.reference else None
     tokenizer = _tokenizer(model_dir)
     if reference is not None:
         models.check_same_vocabulary(tokenizer, _tokenizer(FLAGS.reference), "reference")
-    proxy = _proxy(model, tokenizer, dtype)
+    proxy = _proxy(model, tokenizer, dtype, mesh, rules)
     task = _task()
     seed = FLAGS.seed if FLAGS.seed is not None else int(_from_config("seed", 0))
+    sampling_kw = {name: _sampling(name) for name in SAMPLING_DEFAULTS}
+    sampling_kw["max_new_tokens"] = int(FLAGS.max_new_tokens or _from_config("eval.max_new_tokens")
+                                        or task.max_answer_tokens)
+    limit = FLAGS.limit or _from_config("eval.num_prompts")
+    batch_size = _batch_size((model, *(proxy or ())[:2]), reference, task, tokenizer, sampling_kw, limit,
+                             int(FLAGS.batch_size or _from_config("eval.batch_size", 64)), mesh, rules)
     results = runner.evaluate(
         model,
         tokenizer,
         task,
-        n=_sampling("n"),
-        temperature=_sampling("temperature"),
-        top_p=_sampling("top_p"),
-        top_k=_sampling("top_k"),
-        max_new_tokens=FLAGS.max_new_tokens or _from_config("eval.max_new_tokens"),
+        **sampling_kw,
         split=FLAGS.split,
-        limit=FLAGS.limit or _from_config("eval.num_prompts"),
+        limit=limit,
         seed=seed,
         reference_model=reference,
-        batch_size=FLAGS.batch_size or _from_config("eval.batch_size", 64),
+        batch_size=batch_size,
+        mesh=mesh,
+        rules=rules,
         progress=FLAGS.progress,
         proxy=proxy,
     )

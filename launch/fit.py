@@ -1,7 +1,9 @@
 """Does a config fit its accelerators? Compiles every jitted program of every stage of the
 pipeline (update step, rollout prefill and decode, scoring passes: whatever the stage kind
-declares, `bridge.stages.StageKind`) against abstract shapes on the config's mesh and prints
-per-device memory; nothing is allocated.
+declares, `bridge.stages.StageKind`) and of the evaluation each exported stage runs (stage
+"eval": the sampler's prefill and decode of eval.batch_size * eval.n rows with a cache of
+prompt + eval.max_new_tokens tokens, and the scoring passes; `bridge.abstract.evaluation_programs`)
+against abstract shapes on the config's mesh and prints per-device memory; nothing is allocated.
 
     python -m launch.fit --config=configs/sparse_to_dense/llama31_8b_math.py --devices=64 --hbm_gib=80
 
@@ -23,6 +25,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: pa
 _DEVICES = flags.DEFINE_integer("devices", 0, "Fake this many CPU devices (0: the machine's devices).")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "Accelerator memory per device, GiB (0: no verdict).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (left-padded bucket).")
+
+
+def _programs(c, trained, mesh, rules, models):
+    """Every stage's programs, then the evaluation's, each as soon as it is compiled."""
+    from bridge import abstract
+
+    for name in trained:
+        yield from abstract.stage_programs(c, name, mesh, rules, models, prompt_len=_PROMPT_LEN.value)
+    yield from abstract.evaluation_programs(c, mesh, rules, models, prompt_len=_PROMPT_LEN.value)
 
 
 def main(argv):
@@ -48,16 +59,15 @@ def main(argv):
         print("| stage | program | rows | tokens/row | arguments | temporaries | total | fits |")
         print("|---|---|---:|---:|---:|---:|---:|:---:|")
         over = []
-        for name in trained:
-            for m in abstract.stage_programs(c, name, mesh, rules, models, prompt_len=_PROMPT_LEN.value):
-                fits = "-" if not _HBM.value else ("yes" if m.total_gib <= _HBM.value else "no")
-                if fits == "no":
-                    over.append(f"{name} {m.program}")
-                print(f"| {name} | {m.program} | {m.rows} | {m.tokens_per_row} | {m.arguments_gib:.2f} | "
-                      f"{m.temp_gib:.2f} | {m.total_gib:.2f} | {fits} |", flush=True)
+        for m in _programs(c, trained, mesh, rules, models):
+            fits = "-" if not _HBM.value else ("yes" if m.total_gib <= _HBM.value else "no")
+            if fits == "no":
+                over.append(f"{m.stage} {m.program}")
+            print(f"| {m.stage} | {m.program} | {m.rows} | {m.tokens_per_row} | {m.arguments_gib:.2f} | "
+                  f"{m.temp_gib:.2f} | {m.total_gib:.2f} | {fits} |", flush=True)
     if over:
         print(f"over {_HBM.value:g} GiB per device: {', '.join(over)} (raise microbatches or lower "
-              "sample_batch_size, shard wider, or turn on remat)", file=sys.stderr)
+              "sample_batch_size or eval.batch_size, shard wider, or turn on remat)", file=sys.stderr)
         return 1
     return 0
 

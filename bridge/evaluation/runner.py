@@ -21,7 +21,9 @@ maj@k votes over answers canonicalized by `bridge.tasks.math.normalize_answer`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from bridge import distributed, sampling, scoring
+from bridge import distributed, sampling, scoring, sharding
 from bridge.evaluation.metrics import avg_at_k, maj_at_k, pass_at_k
 from bridge.models.tokenizer import eos_ids as tokenizer_eos_ids, pad_id as tokenizer_pad_id
 from bridge.tasks.math import normalize_answer
@@ -78,8 +80,44 @@ def summarize(
     return metrics
 
 
+def batch_shards(mesh, rules) -> int:
+    """How many ways `mesh` splits a batch's rows: the product of the mesh axes the "batch"
+    rule names (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    spec = sharding.logical_to_spec(("batch",), rules or sharding.DEFAULT_RULES, None, mesh)[0]
+    return math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+
+
+def scoring_rows(rows: int, mesh, rules) -> int:
+    """`rows` rounded up to a multiple of the batch shards: the rows a scoring pass runs."""
+    shards = batch_shards(mesh, rules)
+    return -(-rows // shards) * shards
+
+
+@functools.lru_cache(maxsize=16)
+def _padder(rows: int, placement):
+    return jax.jit(lambda *xs: tuple(jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1), mode="edge")
+                                     for x in xs), out_shardings=placement)
+
+
+def scoring_batch(out, mesh=None, rules=None) -> tuple:
+    """(prompt_tokens, prompt_mask, tokens, mask) of `out`'s completions. With a mesh, the rows
+    are padded (the last one repeated) to `scoring_rows` and split over the batch shards, so
+    each device scores its share (rows that do not divide would be replicated: every device
+    scoring all of them); the rows past out's are to be ignored."""
+    arrays = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
+    if mesh is None:
+        return arrays
+    rows = scoring_rows(out.tokens.shape[0], mesh, rules)
+    return _padder(rows, sharding.batch_sharding(mesh, 2, rules or sharding.DEFAULT_RULES, (rows, 1)))(*arrays)
+
+
 @functools.lru_cache(maxsize=8)
-def _scorer(graphdef):
+def entropy_scorer(graphdef):
+    """Jitted (state, prompt_tokens, prompt_mask, tokens, mask) -> (logprobs, entropies) [R, N]
+    of the completions (0 off the mask); `bridge.abstract.eval_programs` compiles it too."""
+
     @jax.jit
     def score(state, prompt_tokens, prompt_mask, tokens, mask):
         model = nnx.merge(graphdef, state)
@@ -90,15 +128,18 @@ def _scorer(graphdef):
     return score
 
 
-def completion_scores(model, out) -> tuple[np.ndarray, np.ndarray]:
-    """(per-token logprobs, entropies) float32[R, N] of the sampled completions under `model`."""
+def completion_scores(model, batch: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(per-token logprobs, entropies) float32[R, N] under `model` of the completions of a
+    `scoring_batch`."""
     graphdef, state = nnx.split(model)
-    logp, entropy = _scorer(graphdef)(state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
-    return distributed.to_host((logp, entropy))
+    return distributed.to_host(entropy_scorer(graphdef)(state, *batch))
 
 
 @functools.lru_cache(maxsize=8)
-def _kl_scorer(graphdef, reference_graphdef, temperature: float):
+def kl_scorer(graphdef, reference_graphdef, temperature: float):
+    """Jitted (state, reference_state, prompt_tokens, prompt_mask, tokens, mask) -> per-token
+    KL [R, N] (`completion_kl`)."""
+
     @jax.jit
     def kl(state, reference_state, prompt_tokens, prompt_mask, tokens, mask):
         model = nnx.merge(graphdef, state)
@@ -110,18 +151,27 @@ def _kl_scorer(graphdef, reference_graphdef, temperature: float):
     return kl
 
 
-def completion_kl(model, reference_model, out, temperature: float) -> np.ndarray:
+def completion_kl(model, reference_model, batch: tuple, temperature: float) -> np.ndarray:
     """float32[R, N]: KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t)) at each position of the
-    sampled completions (0 off the mask), exact over the full vocabulary and streamed by
+    completions of a `scoring_batch` (0 off the mask), exact over the full vocabulary and streamed by
     `bridge.scoring.completion_divergence` (kind "reverse_kl", student = model, teacher =
     reference), never holding [R, N, V] logits for large vocabularies. pi_T = softmax(logits / T)
     with T = `sampling.processors.scoring_temperature(temperature)`. Both models must share the vocabulary."""
     graphdef, state = nnx.split(model)
     reference_graphdef, reference_state = nnx.split(reference_model)
-    kl = _kl_scorer(graphdef, reference_graphdef, sampling.processors.scoring_temperature(temperature))(
-        state, reference_state, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask
+    kl = kl_scorer(graphdef, reference_graphdef, sampling.processors.scoring_temperature(temperature))(
+        state, reference_state, *batch
     )
     return distributed.to_host(kl)
+
+
+def on_mesh(model, mesh, rules):
+    """`model` with its parameters placed by their logical axes on `mesh` (no copy for a model
+    already placed so, e.g. loaded with `load_hf(..., mesh=, rules=)`); unchanged without a mesh."""
+    if mesh is None or model is None:
+        return model
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, sharding.shard_state(state, mesh, rules or sharding.DEFAULT_RULES))
 
 
 def evaluate(
@@ -152,6 +202,9 @@ def evaluate(
     max_new_tokens defaults to task.max_answer_tokens; eos_ids default to the tokenizer's.
     proxy=(expert, antiexpert, alpha) decodes proxy-tuned (`sampling.generate`); the entropy
     and the KL to the reference are then still those of `model` along the proxy's samples.
+    With a `mesh` (and logical-axis `rules`), every program runs on it: the models placed by
+    their axes (`on_mesh`), the sampler's and the scoring passes' rows over its batch axes.
+    `bridge.abstract.eval_programs` compiles one batch's programs without running them.
     """
     examples = list(task.examples(split))[:limit]
     if not examples:
@@ -159,6 +212,8 @@ def evaluate(
     max_new_tokens = int(max_new_tokens or task.max_answer_tokens)
     eos = tuple(eos_ids) if eos_ids is not None else tokenizer_eos_ids(tokenizer)
     pad = tokenizer_pad_id(tokenizer)
+    model, reference_model = on_mesh(model, mesh, rules), on_mesh(reference_model, mesh, rules)
+    scope = (lambda: contextlib.nullcontext()) if mesh is None else (lambda: sharding.use_mesh(mesh, rules))  # noqa: E731
     correct, answers, lengths, entropies, kls, format_ok, truncated, samples = ([] for _ in range(8))
     bar = tqdm(total=len(examples), desc=f"eval {task.name}", unit="prompt", disable=not progress)
     for start in range(0, len(examples), batch_size):
@@ -179,8 +234,10 @@ def evaluate(
             rules=rules,
             proxy=proxy,
         )
-        _, entropy = completion_scores(model, out)
-        kl = completion_kl(model, reference_model, out, temperature) if reference_model is not None else None
+        with scope():  # under the mesh: the scoring passes split rows over its batch axes
+            batch = scoring_batch(out, mesh, rules)
+            _, entropy = completion_scores(model, batch)
+            kl = completion_kl(model, reference_model, batch, temperature) if reference_model is not None else None
         tokens, mask, finish = distributed.to_host((out.tokens, out.mask, out.finish_reason))  # all hosts
         for b, example in enumerate(chunk):
             row_correct, row_answers = [], []

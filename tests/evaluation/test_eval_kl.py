@@ -119,12 +119,12 @@ def test_kl_to_reference_is_the_full_vocabulary_kl_along_the_completions(
     model, reference = setup["model"], setup[reference_name]
     if implementation == "chunked":  # force the streaming kernel, in a fresh trace
         monkeypatch.setattr(logprobs_api, "REFERENCE_MAX_LOGITS_BYTES", 0)
-        runner._kl_scorer.cache_clear()
+        runner.kl_scorer.cache_clear()
     try:
         results, outs = _evaluate_capturing(monkeypatch, model, reference, setup, **kwargs)
     finally:
         if implementation == "chunked":
-            runner._kl_scorer.cache_clear()
+            runner.kl_scorer.cache_clear()
     kls, counts, old = _numpy_kl(model, reference, outs, kwargs["temperature"])
     m = results["metrics"]
     assert len(kls) == len(results["samples"]) == kwargs["limit"] * kwargs["n"]
