@@ -178,11 +178,16 @@ def test_stage_kinds_count_their_sampled_completions():
     assert stages.kind("erpd_distill").rollouts(e, e.stages.erpd_distill, 8) == 0
 
 
-def test_the_readme_table_is_the_committed_results_table():
-    """The README's sparse-to-dense table is `--readme`'s output from results/sparse_to_dense."""
+@pytest.mark.parametrize("family", ["sparse_to_dense", "self_distill"])
+def test_the_readme_table_is_the_committed_results_table(family):
+    """The README's table of each reproduced family is `--readme`'s output from results/<family>,
+    with 3+ seeds and every row of the family's `reproduction()`."""
+    import importlib
+
     readme = (REPO / "README.md").read_text()
-    results = json.loads((REPO / "results" / "sparse_to_dense" / "results.json").read_text())
+    results = json.loads((REPO / "results" / family / "results.json").read_text())
     table = report.markdown(results)
-    assert (REPO / "results" / "sparse_to_dense" / "table.md").read_text() == table
-    assert report.replace_section(readme, "sparse_to_dense", table) == readme
-    assert len(results["seeds"]) >= 3 and set(results["evaluations"]) == set(toy.reproduction()["rows"])
+    assert (REPO / "results" / family / "table.md").read_text() == table
+    assert report.replace_section(readme, family, table) == readme
+    rows = importlib.import_module(f"configs.{family}.toy").reproduction()["rows"]
+    assert len(results["seeds"]) >= 3 and set(results["evaluations"]) == set(rows)
