@@ -44,8 +44,10 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint = cd(every=100, keep=2, max_nonfinite=3)
     c.metrics = cd(tensorboard=True, wandb_project="", progress=True, plots=True)
     # memory_fraction: the share of each GPU's memory JAX preallocates, set by the launchers
-    # (bridge.distributed.set_memory_fraction); 0 = JAX's default, the environment variable wins
-    c.system = cd(memory_fraction=0.0)
+    # (bridge.distributed.set_memory_fraction); 0 = JAX's default, the environment variable wins.
+    # frozen_on_host: keep frozen models (teachers, KL reference, ...) in pinned host memory between
+    # uses, copied to device memory for each step that reads them (bridge.offload)
+    c.system = cd(memory_fraction=0.0, frozen_on_host=False)
     return c
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import distributed, losses, runtime, sampling, train_state
+from bridge import distributed, losses, offload, runtime, sampling, train_state
 from bridge.stages import Sampling
 
 
@@ -47,7 +47,7 @@ def make_trainer(ctx: runtime.Context, kind, scfg, model, frozen_graphdefs, tota
     holds `kind.trained(scfg, model, ctx.model)` (the policy, or the policy with a critic) and
     the optimizer `wrap_optimizer(optimizer(scfg, total_updates))` (e.g. carrying an EMA)."""
     graphdef, params = nnx.split(kind.trained(scfg, model, ctx.model))
-    params = jax.tree.map(jnp.copy, params)  # the stage owns (and donates) its own buffers
+    params = jax.tree.map(jnp.copy, offload.fetch(params))  # the stage owns (and donates) its own buffers
     tx = wrap_optimizer(optimizer(scfg, total_updates))
     state = train_state.init_state(params, tx)
     shardings = train_state.state_shardings(state, ctx.mesh, ctx.rules)
@@ -256,6 +256,7 @@ def proxy_models(ctx: runtime.Context, sc, model):
             found = cache[ref]
         else:
             found = ctx.model(ref)
+        offload.park(ctx, found)  # system.frozen_on_host: the sampler copies it to device memory per call
         if found.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"{where}: the proxy {role} {proxy[role]!r} has {found.config.vocab_size} tokens, the "
                              f"sampled model {model.config.vocab_size}; proxy-tuning needs one shared vocabulary.")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, distributed, losses, runtime, sampling, scoring
+from bridge import advantages as adv_lib, distributed, losses, offload, runtime, sampling, scoring
 from bridge.models import value
 from bridge.stages import StageKind, common, critic
 
@@ -131,7 +131,7 @@ def fixed_batch(ctx: runtime.Context, unit, scfg, model) -> dict:
                                  chunk_prompts=scfg.sample_batch_size)
     placed, _ = common.place_rollout(ctx, roll)
     graphdef, state = nnx.split(model)
-    old_logp = _scorer(graphdef, _temperature(scfg), common.scoring_slices(scfg))(state, placed)
+    old_logp = _scorer(graphdef, _temperature(scfg), common.scoring_slices(scfg))(offload.fetch(state), placed)
     batch = {**roll.token_arrays(), "old_logp": distributed.to_host(old_logp), "rewards": roll.rewards,
              "advantages": np.asarray(adv_lib.group_advantages(roll.rewards, int(scfg.sampling.n)))}
     ctx.publish(unit, "batch", batch)
@@ -307,12 +307,13 @@ def distill_loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram
     temperature = _temperature(scfg)
     placed = runtime.place_batch(ctx, {k: batch[k] for k in common.Rollout.TOKEN_KEYS})
     graphdef, state = nnx.split(model)
-    logps = {"old": _scorer(graphdef, temperature, slices)(state, placed)}  # this stage's pi_old
+    logps = {"old": _scorer(graphdef, temperature, slices)(offload.fetch(state), placed)}  # this stage's pi_old
     for role in (r for r in refs if r != "policy"):  # the offline cache: each model scored once
         other = ctx.model(refs[role])
         common.check_vocab(other, model, unit.id)
         other_graphdef, other_state = nnx.split(other)
-        logps[role] = _scorer(other_graphdef, temperature, slices)(other_state, placed)
+        logps[role] = _scorer(other_graphdef, temperature, slices)(offload.fetch(other_state), placed)
+        offload.park(ctx, other)  # system.frozen_on_host: not read again in this stage
     mask = placed["mask"].astype(jnp.float32)
     batch["old_logp"], batch["advantages"] = distributed.to_host(
         (logps["old"], strategy_rewards(logps, mask, scfg.strategies, scfg.weights)))

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
+from bridge import advantages as adv_lib, losses, offload, runtime, sampling, scoring
 from bridge.stages import StageKind, common
 
 PG_LOSSES = ("sampled_reverse_kl", "exopd")
@@ -139,13 +139,14 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     teachers = [ctx.model(refs[r]) for r in refs if r.startswith("teacher_")]
     for t in teachers:
         common.check_vocab(t, model, unit.id)
+        offload.park(ctx, t)  # system.frozen_on_host: in host memory between steps
     split = [nnx.split(t) for t in teachers]
     graphdefs, teacher_states = [g for g, _ in split], [s for _, s in split]
     if scfg.loss == "exopd":  # copied before the trainer takes (and donates) the student's buffers
         base_model = ctx.model(refs["base"])
         common.check_vocab(base_model, model, unit.id)
         base_graphdef, base_state = nnx.split(base_model)
-        base_state = jax.tree.map(jnp.copy, base_state)
+        base_state = offload.frozen_copy(ctx, base_state)
     frozen = teacher_states if frozen_roles(scfg) else None
     trainer = common.make_trainer(ctx, kind, scfg, model, graphdefs if frozen else (),
                                   scfg.steps * scfg.epochs * scfg.minibatches)
@@ -167,14 +168,19 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         batch, sample_logp = common.place_rollout(ctx, roll)
         mask = batch["mask"].astype(jnp.float32)
         old_logp, entropy = score_student(state.params, batch)
-        teacher_logp = pool_logprobs([f(s, batch) for f, s in zip(score_teachers, teacher_states)], weights,
+        # the teachers in device memory for this step (parked in host memory: system.frozen_on_host),
+        # kept past scoring only when the update reads them
+        teachers_now = offload.fetch(teacher_states)
+        teacher_logp = pool_logprobs([f(s, batch) for f, s in zip(score_teachers, teachers_now)], weights,
                                      scfg.teacher_pool)
+        update_frozen = teachers_now if frozen else None
+        del teachers_now
         gap = old_logp - teacher_logp  # sampled-token reverse KL estimate per token
         metrics = common.response_metrics(roll)
         metrics["teacher_reverse_kl_sampled"] = float(losses.masked_mean(gap, mask))
         metrics["entropy"] = float(losses.masked_mean(entropy, mask))
         if scfg.loss == "exopd":
-            base_logp = score_base(base_state, batch)
+            base_logp = score_base(offload.fetch(base_state), batch)
             adv = adv_lib.exopd_token_advantages(old_logp, teacher_logp, base_logp, scfg.lam)
         else:
             adv = adv_lib.opd_token_advantages(old_logp, teacher_logp, scfg.coef)
@@ -190,7 +196,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         metrics.update(common.mismatch_metrics(old_logp, sample_logp, tis, mask))
         batch.update(old_logp=old_logp, advantages=adv, token_weight=token_weight, tis_weight=tis)
         state, update_metrics = common.run_updates(
-            trainer, state, batch, frozen, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
+            trainer, state, batch, update_frozen, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
             rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll.lengths.sum()))
         metrics.update(update_metrics)
         return state, metrics

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge import advantages as adv_lib, distributed, losses, runtime, sampling, scoring, sharding
+from bridge import advantages as adv_lib, distributed, losses, offload, runtime, sampling, scoring, sharding
 from bridge.models import value
 from bridge.stages import StageKind, common, critic, off_policy
 from bridge.tasks import soft_overlong_penalty
@@ -276,9 +276,9 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         reference_model = ctx.model(models(scfg)["reference"])
         common.check_vocab(reference_model, model, unit.id)
         reference_graphdef, reference = nnx.split(reference_model)
-        reference = jax.tree.map(jnp.copy, reference)
+        reference = offload.frozen_copy(ctx, reference)  # system.frozen_on_host: in host memory
         if split:
-            reference = sharding.shard_state(reference, tctx.mesh, tctx.rules)
+            reference = offload.park(ctx, sharding.shard_state(reference, tctx.mesh, tctx.rules))
         score_reference = jax.jit(scoring.in_slices(lambda state, batch: scoring.completion_logprobs(
             nnx.merge(reference_graphdef, state), batch, temperature), slices))
     trainer = common.make_trainer(tctx, kind, scfg, model, (), updates)
@@ -314,7 +314,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
             metrics.update(stats.metrics())
         metrics["entropy"] = float(losses.masked_mean(entropy, batch["mask"]))
         if reference is not None:
-            ref_logp = score_reference(reference, batch)
+            ref_logp = score_reference(offload.fetch(reference), batch)
             if scfg.kl_mode == "loss":
                 batch["ref_logp"] = ref_logp
             seq_kl = distributed.to_host(jnp.sum(losses.kl_estimate(old_logp, ref_logp, scfg.kl_kind) * batch["mask"], 1))

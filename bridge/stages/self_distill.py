@@ -61,7 +61,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bridge import advantages as adv_lib, losses, runtime, sampling, scoring
+from bridge import advantages as adv_lib, losses, offload, runtime, sampling, scoring
 from bridge.kernels.logprobs import token_divergence
 from bridge.losses import aggregation
 from bridge.stages import StageKind, common
@@ -247,7 +247,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     ctx.task.check_context(scfg.context, ctx.task.examples("train"))
     model = ctx.model(models(scfg)["policy"])
     graphdef = nnx.split(model)[0]
-    frozen_teacher = jax.tree.map(jnp.copy, nnx.split(model)[1]) if scfg.teacher == "frozen" else None
+    frozen_teacher = offload.frozen_copy(ctx, nnx.split(model)[1]) if scfg.teacher == "frozen" else None
     full = scfg.loss in FULL_LOSSES
     trainer = make_trainer(ctx, kind, scfg, model, (graphdef,) if frozen_roles(scfg) else (),
                            scfg.steps * scfg.epochs * scfg.minibatches)
@@ -261,8 +261,8 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     data = ctx.prompts(unit, scfg.prompts_per_step)
 
     def teacher_params(state):
-        if scfg.teacher == "frozen":
-            return frozen_teacher
+        if scfg.teacher == "frozen":  # this step's device copy (parked: system.frozen_on_host)
+            return offload.fetch(frozen_teacher)
         return state.opt_state.ema if scfg.teacher == "ema" else state.params
 
     def step(state, i):
@@ -278,7 +278,8 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
                                                "rl_weight": rl_rows, "rl_advantages": rl_adv, "sd_rows": sd_rows}))
         sd_mask = batch["mask"].astype(jnp.float32) * batch.pop("sd_rows")[:, None]
         old_logp = score_student(state.params, batch)
-        teacher_logp, teacher_entropy = score_teacher(teacher_params(state), batch)
+        teacher = teacher_params(state)
+        teacher_logp, teacher_entropy = score_teacher(teacher, batch)
         sd_weight = (entropy_weights(teacher_entropy, sd_mask, float(scfg.entropy_tau)) if scfg.route == "srpo"
                      else sd_mask)
         adv = adv_lib.opd_token_advantages(old_logp, teacher_logp, scfg.coef)
@@ -294,7 +295,8 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
         if full and scfg.teacher == "ema":
             frozen = (jax.tree.map(jnp.copy, state.opt_state.ema),)  # the state is donated
         else:
-            frozen = (frozen_teacher,) if frozen_roles(scfg) else None
+            frozen = (teacher,) if frozen_roles(scfg) else None
+        del teacher  # a parked teacher's device copy lives only while a program reads it
         state, update_metrics = common.run_updates(
             trainer, state, batch, frozen, epochs=scfg.epochs, num_minibatches=scfg.minibatches,
             rng=ctx.np_rng(unit, i, "minibatches"), tokens=float(roll.lengths.sum()))

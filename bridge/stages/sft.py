@@ -26,7 +26,7 @@ import os
 import numpy as np
 from flax import nnx
 
-from bridge import distributed, losses, runtime, scoring
+from bridge import distributed, losses, offload, runtime, scoring
 from bridge.stages import Sampling, StageKind, common
 from bridge.tasks import base, loaders
 
@@ -229,6 +229,8 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     if teacher is not None:
         common.check_vocab(teacher, model, unit.id)
     pool = load_or_build_pool(ctx, unit, scfg, teacher)
+    if teacher is not None:  # system.frozen_on_host: in host memory from here on
+        offload.park(ctx, teacher)
     frozen_graphdefs, frozen = (), None
     if kind.frozen_roles(scfg):
         teacher_graphdef, teacher_state = nnx.split(teacher)
@@ -245,7 +247,7 @@ def loop(ctx: runtime.Context, unit, scfg, kind) -> runtime.StageProgram:
     def step(state, i):
         idx = order(i)
         batch = runtime.place_batch(ctx, {k: pool[k][idx] for k in common.Rollout.TOKEN_KEYS})
-        state, metrics = trainer.update(state, batch, frozen)
+        state, metrics = trainer.update(state, batch, offload.fetch(frozen))
         metrics = dict(metrics, response_length=float(pool["mask"][idx].sum(1).mean()))
         if "rewards" in pool:
             metrics["pool_reward"] = float(pool["rewards"][idx].mean())
