@@ -58,7 +58,8 @@ def llama3(**kw) -> dict:
                 rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False, **kw)
 
 
-def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict, enable_thinking=None):
+def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict, enable_thinking=None,
+                  eval_batch_size: int = 32):
     """The bridge experiment for one teacher/student pair (`model` slots); the locked config.
     enable_thinking: the chat template's thinking switch (Qwen3 hybrid models), None: absent."""
     lr, max_new_tokens = 1e-6, 8192
@@ -95,7 +96,7 @@ def bridge_config(arg, *, teacher, student, mesh_shape, eval_sampling: dict, ena
     c.pipeline.stages = ROWS[row]
     c.pipeline.c1_stage = "teacher_rl" if "teacher_rl" in ROWS[row] else ""
     c.pipeline.c2_stage = "opd" if "opd" in ROWS[row] else ""
-    c.eval.update(num_prompts=500, batch_size=32, max_new_tokens=max_new_tokens, **eval_sampling)
+    c.eval.update(num_prompts=500, batch_size=eval_batch_size, max_new_tokens=max_new_tokens, **eval_sampling)
     c.checkpoint.every = 20
     if "toy" in parts or "smoke" in parts:
         _toy_scale(c, toy.get_config(",".join([p for p in parts if p == "smoke"] + [row])))

@@ -23,4 +23,7 @@ STUDENT = paper.model("Qwen3-1.7B", **paper.qwen3(hidden_size=2048, intermediate
 
 def get_config(arg=None):
     return paper.bridge_config(arg, teacher=TEACHER, student=STUDENT, mesh_shape=(1, -1, 1),
-                            eval_sampling=dict(n=16, temperature=0.7, top_p=0.8, top_k=20), enable_thinking=False)
+                            eval_sampling=dict(n=16, temperature=0.7, top_p=0.8, top_k=20), enable_thinking=False,
+                            # launch.fit, 8 x 80 GiB: the 8B teacher's evaluation decode needs 88.6 GiB at
+                            # 32 prompts x 16 samples x 8.7k tokens; 28 is the largest batch that fits
+                            eval_batch_size=16)
