@@ -175,8 +175,10 @@ def _proxy(model, tokenizer, dtype, mesh, rules):
 
 
 def run() -> dict:
-    from bridge import models
+    from bridge import distributed, models
     from bridge.evaluation import report, runner
+
+    distributed.set_memory_fraction(_from_config("system.memory_fraction", 0.0))  # before the backend starts
 
     model_dir = FLAGS.checkpoint or FLAGS.hf_dir
     if not model_dir or not FLAGS.outdir:

@@ -80,3 +80,13 @@ def test_launch_reproduce_sets_it_from_the_family_config(env, tmp_path):
                       "    return c\n")
     assert _launch("reproduce", "bridge.reproduce", "reproduce", f"--config={family}:smoke",
                    f"--workdir={tmp_path / 'runs'}", f"--outdir={tmp_path / 'results'}") == ["0.45", "False"]
+
+
+def test_launch_eval_sets_it_from_its_config(env, tmp_path):
+    from bridge import models
+    from stage_helpers import tiny_decoder
+
+    tokenizer = models.char_tokenizer("0123456789+=")
+    models.save_hf(tiny_decoder(tokenizer), str(tmp_path / "model"), tokenizer=tokenizer)
+    assert _launch("eval", "launch.eval", "_mesh", f"--checkpoint={tmp_path / 'model'}", f"--outdir={tmp_path / 'out'}",
+                   "--config=configs/sparse_to_dense/toy.py:smoke", "--config.system.memory_fraction=0.35") == ["0.35", "False"]
