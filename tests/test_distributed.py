@@ -108,21 +108,11 @@ def _check_two_process_run(tmp_path, overrides, units, timeout, config=CONFIG, n
     return reference, distributed
 
 
-SFT_ONLY = ('--config.pipeline.stages=("teacher_sft","student_sft")', "--config.eval.num_prompts=0",
-            "--config.pipeline.c1_stage=", "--config.pipeline.c2_stage=")
-
-
-def test_two_processes_match_one_sft(tmp_path):
-    """SFT stages (no sampling): place_batch from each process's rows, orbax checkpoints from
-    both processes, exports gathered onto process 0."""
-    _check_two_process_run(tmp_path, SFT_ONLY, ("teacher_sft", "student_sft"), timeout=300)
-
-
-@pytest.mark.slow
 def test_two_processes_match_one_smoke_bridge(tmp_path):
     """The whole smoke bridge (SFT, GRPO, teacher-sampled warmup, OPD, student GRPO, greedy
-    evaluation with KL to the base): sampling SPMD over the global mesh, rollouts gathered
-    onto every process and verified on each."""
+    evaluation with KL to the base): place_batch from each process's rows, sampling SPMD over
+    the global mesh, rollouts gathered onto every process and verified on each, orbax
+    checkpoints from both processes, exports gathered per tensor and written by process 0."""
     _check_two_process_run(tmp_path, (), ("teacher_sft", "teacher_rl", "student_sft", "warmup", "opd",
                                           "student_rl"), timeout=900)
 
