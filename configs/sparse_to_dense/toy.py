@@ -78,9 +78,9 @@ def get_config(arg=None):
     c.stages.teacher_sft = common.sft_stage("teacher", 1e-3, 1200, source="gold", loss="cross_entropy",
                                             batch_size=128, task_options=pretrain(1200), until_accuracy=0.85)
     # The student's cap is twice its pool (600 steps of fresh problems): seeds 0 and 1 reach the
-    # band by step 340, seed 2 sat at 0% until step 700 (loss plateau at 1.22) and reached it at
-    # 820 (measured), so a slow seed sees the pool's problems a second time instead of stopping
-    # below its band.
+    # band by step 340; seed 2 sat at 0% until step 700 (loss plateau at 1.22) and reached it at
+    # 820 in a run whose pool held 1500 steps of fresh problems (measured), so a slow seed sees
+    # the pool's problems a second time instead of stopping below its band.
     c.stages.student_sft = common.sft_stage("student", 1e-3, 1200, source="gold", loss="cross_entropy",
                                             batch_size=128, task_options=pretrain(600), until_accuracy=0.5)
     c.stages.teacher_rl = common.rl_stage("teacher", 1e-4, 300, **gen())
