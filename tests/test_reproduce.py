@@ -178,7 +178,7 @@ def test_stage_kinds_count_their_sampled_completions():
     assert stages.kind("erpd_distill").rollouts(e, e.stages.erpd_distill, 8) == 0
 
 
-@pytest.mark.parametrize("family", ["sparse_to_dense", "self_distill"])
+@pytest.mark.parametrize("family", ["sparse_to_dense", "self_distill", "erpd"])
 def test_the_readme_table_is_the_committed_results_table(family):
     """The README's table of each reproduced family is `--readme`'s output from results/<family>,
     with 3+ seeds and every row of the family's `reproduction()`."""

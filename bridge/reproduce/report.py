@@ -78,7 +78,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['name']} | " + " | ".join(
             "-" if g is None else f"{g:.3f} / {a:.3f}" for g, a in zip(greedy, avg)) + " |")
     if spec.get("skills"):
-        lines += ["", "Starting skills per seed (the step each stage ended at, its greedy test accuracy):", "",
+        lines += ["", "Starting skills per seed (the step each stage ended at, its test accuracy at the end-of-stage evaluation of the config, `config.eval`):", "",
                   "| seed | " + " | ".join(spec["skills"]) + " |", "|---|" + "---:|" * len(spec["skills"])]
         for s in seeds:
             got = results["skills"][str(s)]
