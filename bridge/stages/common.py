@@ -312,12 +312,12 @@ def minibatches(batch: dict, num: int, rng: np.random.Generator | None) -> list[
     return [{k: v[idx] for k, v in arrays.items()} for idx in np.split(order, num)]
 
 
-def run_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, num_minibatches: int,
-                rng: np.random.Generator, tokens: float):
-    """`epochs` passes of `num_minibatches` updates over one rollout batch, shuffled by `rng`.
-
-    Returns (state, metrics): the mean of the update metrics plus train_tokens_per_s.
-    """
+def dispatch_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, num_minibatches: int,
+                     rng: np.random.Generator, tokens: float):
+    """`epochs` passes of `num_minibatches` updates over one rollout batch, shuffled by `rng`,
+    dispatched to the devices without waiting. Returns (state, finish): finish() waits for the
+    updates and returns the mean of their metrics plus train_tokens_per_s (from dispatch to the
+    end of the wait, so work done meanwhile overlaps it)."""
     rng = rng if num_minibatches > 1 else None
     t0 = time.perf_counter()
     updates = []
@@ -325,9 +325,19 @@ def run_updates(trainer: Trainer, state, batch: dict, frozen, *, epochs: int, nu
         for mb in minibatches(batch, num_minibatches, rng):
             state, m = trainer.update(state, mb, frozen)
             updates.append(m)
-    metrics = mean_metrics(updates)  # waits for the updates, so the timing below is honest
-    metrics["train_tokens_per_s"] = tokens * epochs / max(time.perf_counter() - t0, 1e-9)
-    return state, metrics
+
+    def finish() -> dict:
+        metrics = mean_metrics(updates)  # waits for the updates, so the timing below is honest
+        metrics["train_tokens_per_s"] = tokens * epochs / max(time.perf_counter() - t0, 1e-9)
+        return metrics
+
+    return state, finish
+
+
+def run_updates(trainer: Trainer, state, batch: dict, frozen, **kw):
+    """`dispatch_updates`, waited for: (state, metrics)."""
+    state, finish = dispatch_updates(trainer, state, batch, frozen, **kw)
+    return state, finish()
 
 
 def response_metrics(rollout: Rollout) -> dict:

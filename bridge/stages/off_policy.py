@@ -67,26 +67,18 @@ def policy_copy(model, ctx):
     return nnx.merge(graphdef, jax.device_put(state, shardings, may_alias=False))
 
 
-def dispatch_updates(trainer, state, batch: dict, *, epochs: int, num_minibatches: int, rng, tokens: float):
-    """`common.run_updates` without waiting: (state, finish), the updates dispatched to the
-    devices; finish() waits for them and returns their mean metrics, train_tokens_per_s (over
-    dispatch to end, which work done meanwhile overlaps) and update_wait_s (the wait itself)."""
-    rng = rng if num_minibatches > 1 else None
-    t0 = time.perf_counter()
-    updates = []
-    for _ in range(epochs):
-        for mb in common.minibatches(batch, num_minibatches, rng):
-            state, m = trainer.update(state, mb, None)
-            updates.append(m)
+def dispatch_updates(trainer, state, batch: dict, **kw):
+    """`common.dispatch_updates` (no frozen models) whose finish() also reports update_wait_s,
+    how long the step still waited for its updates after the work it overlapped them with."""
+    state, finish = common.dispatch_updates(trainer, state, batch, None, **kw)
 
-    def finish() -> dict:
+    def timed() -> dict:
         waited = time.perf_counter()
-        metrics = common.mean_metrics(updates)
-        end = time.perf_counter()
-        metrics.update(train_tokens_per_s=tokens * epochs / max(end - t0, 1e-9), update_wait_s=end - waited)
+        metrics = finish()
+        metrics["update_wait_s"] = time.perf_counter() - waited
         return metrics
 
-    return state, finish
+    return state, timed
 
 
 class Lookahead:
