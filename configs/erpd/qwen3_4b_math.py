@@ -49,7 +49,7 @@ def get_config(arg=None):
             c.stages.student_rl.sampling = common.sampling(8, temperature=0.6, max_new_tokens=MAX_NEW_TOKENS)
         del c.stages["student_sft"]
         # launch.fit, 8 x 80 GiB: the evaluation decode of 32 prompts x 16 samples x 33k tokens needs
-        # 320 GiB; 7 prompts is the largest batch that fits
+        # 320 GiB; 4 is the largest power of two that fits (the largest batch that fits is 7)
         c.eval.update(num_prompts=500, batch_size=4, max_new_tokens=MAX_NEW_TOKENS, n=16, temperature=0.6,
                       top_p=0.95, top_k=20, kl_reference="hf:" + BASE.hf_dir)
         c.checkpoint.every = 8

@@ -25,5 +25,6 @@ def get_config(arg=None):
     return paper.bridge_config(arg, teacher=TEACHER, student=STUDENT, mesh_shape=(1, -1, 1),
                             eval_sampling=dict(n=16, temperature=0.7, top_p=0.8, top_k=20), enable_thinking=False,
                             # launch.fit, 8 x 80 GiB: the 8B teacher's evaluation decode needs 88.6 GiB at
-                            # 32 prompts x 16 samples x 8.7k tokens; 28 is the largest batch that fits
+                            # 32 prompts x 16 samples x 8.7k tokens; 16 is the largest power of two that fits
+                            # (the largest batch that fits is 28)
                             eval_batch_size=16)
